@@ -1,0 +1,5 @@
+import sys
+
+from bertopt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,52 @@
+"""Command-line entry point: argument parsing only.
+
+Each subcommand lives in its own module, which exposes ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``. Modules keep heavy imports
+(transformers, matplotlib) inside ``run`` so that ``bertopt --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "pretrain": "bertopt.train.pretrain",
+    "finetune": "bertopt.train.finetune",
+    "schedule": "bertopt.train.schedule_plot",
+    "bench": "bertopt.bench.command",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bertopt",
+        description="Train BERT-style models with BERT's own optimization recipe.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module_name in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:  # a command whose extra is not installed
+            if not (exc.name or "").startswith(("bertopt", "transformers", "tokenizers", "matplotlib", "tqdm")):
+                raise
+            continue
+        cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(cmd)
+        cmd.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(args._module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
