@@ -1,0 +1,1 @@
+"""Training: everything that needs the `train` extra (transformers, tokenizers, tqdm, matplotlib)."""
