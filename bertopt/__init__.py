@@ -1,0 +1,26 @@
+"""bertopt: BERT's exact optimization recipe for PyTorch.
+
+    import bertopt
+    optimizer, scheduler = bertopt.create_optimizer(model, init_lr=5e-5,
+                                                    num_train_steps=10_000, num_warmup_steps=1_000)
+"""
+
+from bertopt import schedules
+from bertopt.grouping import BERT_EXCLUDE, decay_report, param_groups
+from bertopt.optim import BertAdam, clip_coefficient, global_grad_norm
+from bertopt.recipe import create_optimizer
+from bertopt.schedules import bert_schedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BERT_EXCLUDE",
+    "BertAdam",
+    "bert_schedule",
+    "clip_coefficient",
+    "create_optimizer",
+    "decay_report",
+    "global_grad_norm",
+    "param_groups",
+    "schedules",
+]

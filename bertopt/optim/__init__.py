@@ -1,0 +1,6 @@
+"""Optimizers: BertAdam (and LAMB), their math in ``_impl``, global clipping in ``clip``."""
+
+from bertopt.optim.bert_adam import BertAdam
+from bertopt.optim.clip import clip_coefficient, global_grad_norm
+
+__all__ = ["BertAdam", "clip_coefficient", "global_grad_norm"]

@@ -1,0 +1,150 @@
+"""The math of BERT's Adam, in three implementations that must agree.
+
+``reference``  one tensor at a time, the equations line by line, computed in float32.
+               Every fast path is tested against it.
+``foreach``    the same equations on lists of tensors (``torch._foreach_*``), in the
+               parameters' dtype, with list-sized temporaries.
+``fused``      torch's fused Adam/AdamW kernels, which read p, g, m, v and write p, m, v
+               once, with no temporaries. Two facts make them compute BERT's update:
+               the global-norm clip coefficient enters as ``grad_scale`` (the kernel
+               divides the gradient by it), and bias correction is switched off by
+               handing the kernel a step count so large that ``beta**step`` is 0, so
+               ``1 - beta**step`` is exactly 1.
+
+The update, for one parameter ``p`` with gradient ``g`` (Google's
+``AdamWeightDecayOptimizer`` when ``bias_correction=False, decoupled=True``)::
+
+    g = g * clip_coef                              # global-norm clip (optional)
+    g = g + wd * p                                 # only in "l2" mode: Adam + L2
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    m_hat, v_hat = m, v                            # or m/(1-b1^t), v/(1-b2^t)
+    u = m_hat / (sqrt(v_hat) + eps)
+    u = u + wd * p                                 # only in "decoupled" mode
+    p = p - lr * u
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# beta**_NO_BIAS_CORRECTION_STEP underflows to exactly 0 for any beta < 1 that makes
+# sense (0.999**2**30 = 0.0 in float64), so the fused kernels' bias corrections are 1.
+_NO_BIAS_CORRECTION_STEP = float(2**30)
+
+
+@dataclass(frozen=True)
+class AdamHyper:
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    bias_correction: bool
+    decoupled: bool  # True: decay added to the update (BERT, AdamW); False: L2 on the gradient
+
+
+def bert_adam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper, clip_coef: Tensor | None):
+    """One tensor at a time, exactly the equations in the module docstring (float32 math)."""
+    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        step += 1
+        p32, m32, v32 = p.float(), m.float(), v.float()  # no copies for float32 tensors
+        g = g.float()
+        if clip_coef is not None:
+            g = g * clip_coef
+        if h.weight_decay != 0 and not h.decoupled:
+            g = g + h.weight_decay * p32
+        m32.mul_(h.beta1).add_(g, alpha=1 - h.beta1)
+        v32.mul_(h.beta2).addcmul_(g, g, value=1 - h.beta2)
+        m_hat, v_hat = m32, v32
+        if h.bias_correction:
+            t = step.item()
+            m_hat = m32 / (1 - h.beta1**t)
+            v_hat = v32 / (1 - h.beta2**t)
+        update = m_hat / (v_hat.sqrt() + h.eps)
+        if h.weight_decay != 0 and h.decoupled:
+            update = update + h.weight_decay * p32
+        p32.add_(update, alpha=-h.lr)
+        for low, high in ((p, p32), (m, m32), (v, v32)):
+            if low is not high:
+                low.copy_(high)
+
+
+def bert_adam_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper, clip_coef: Tensor | None):
+    """The reference on lists of tensors of one device and dtype, in that dtype."""
+    torch._foreach_add_(steps, 1)
+    if clip_coef is not None:
+        grads = torch._foreach_mul(grads, clip_coef.to(grads[0].device))
+    if h.weight_decay != 0 and not h.decoupled:
+        grads = torch._foreach_add(grads, params, alpha=h.weight_decay)
+    torch._foreach_mul_(exp_avgs, h.beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - h.beta1)
+    torch._foreach_mul_(exp_avg_sqs, h.beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - h.beta2)
+    if h.bias_correction:
+        ts = [s.item() for s in steps]
+        m_hat = torch._foreach_div(exp_avgs, [1 - h.beta1**t for t in ts])
+        v_hat = torch._foreach_div(exp_avg_sqs, [1 - h.beta2**t for t in ts])
+    else:
+        m_hat, v_hat = exp_avgs, exp_avg_sqs
+    denom = torch._foreach_sqrt(v_hat)
+    torch._foreach_add_(denom, h.eps)
+    update = torch._foreach_div(m_hat, denom)
+    if h.weight_decay != 0 and h.decoupled:
+        torch._foreach_add_(update, params, alpha=h.weight_decay)
+    torch._foreach_add_(params, update, alpha=-h.lr)
+
+
+def bert_adam_fused(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper, clip_coef: Tensor | None):
+    """torch's fused Adam/AdamW kernel, steered to BERT's update (see module docstring).
+
+    The kernel stores the unscaled (here: clipped) gradient back into ``.grad``.
+    """
+    device = params[0].device
+    torch._foreach_add_(steps, 1)
+    if h.bias_correction:
+        kernel_steps = steps
+    else:
+        kernel_steps = [torch.full((), _NO_BIAS_CORRECTION_STEP, dtype=torch.float32, device=device)] * len(params)
+    grad_scale = None if clip_coef is None else (1.0 / clip_coef).to(device)
+    # AdamW's kernel decays as p *= 1 - lr*wd before p -= lr*m/(sqrt(v)+eps): the same
+    # p - lr*(u + wd*p) as Google's, both using p from before the step.
+    kernel = torch._fused_adamw_ if h.decoupled else torch._fused_adam_
+    kernel(
+        params, grads, exp_avgs, exp_avg_sqs, [], kernel_steps,
+        lr=h.lr, beta1=h.beta1, beta2=h.beta2, weight_decay=h.weight_decay, eps=h.eps,
+        amsgrad=False, maximize=False, grad_scale=grad_scale, found_inf=None,
+    )
+
+
+IMPLEMENTATIONS = {
+    "reference": bert_adam_reference,
+    "foreach": bert_adam_foreach,
+    "fused": bert_adam_fused,
+}
+
+
+def group_by_device_and_dtype(*tensor_lists):
+    """Split parallel tensor lists into per-(device, dtype) chunks for foreach/fused kernels."""
+    buckets: dict[tuple, list[list]] = {}
+    for items in zip(*tensor_lists):
+        key = (items[0].device, items[0].dtype)
+        bucket = buckets.setdefault(key, [[] for _ in tensor_lists])
+        for lst, item in zip(bucket, items):
+            lst.append(item)
+    return list(buckets.values())
+
+
+def bert_adam(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper, clip_coef: Tensor | None, impl: str):
+    """Apply one BERT Adam update with the chosen implementation."""
+    if not params:
+        return
+    fn = IMPLEMENTATIONS[impl]
+    if impl == "reference":
+        fn(params, grads, exp_avgs, exp_avg_sqs, steps, h, clip_coef)
+        return
+    for chunk in group_by_device_and_dtype(params, grads, exp_avgs, exp_avg_sqs, steps):
+        fn(*chunk, h, clip_coef)
