@@ -2,8 +2,8 @@
 
 ``reference``  one tensor at a time, the equations line by line, computed in float32.
                Every fast path is tested against it.
-``foreach``    the same equations on lists of tensors (``torch._foreach_*``), in the
-               parameters' dtype, with list-sized temporaries.
+``foreach``    the same equations on lists of tensors (``torch._foreach_*``), with
+               list-sized temporaries (16-bit tensors go through float32 copies).
 ``fused``      torch's fused Adam/AdamW kernels, which read p, g, m, v and write p, m, v
                once, with no temporaries. Two facts make them compute BERT's update:
                the global-norm clip coefficient enters as ``grad_scale`` (the kernel
@@ -74,7 +74,17 @@ def bert_adam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHype
 
 
 def bert_adam_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper, clip_coef: Tensor | None):
-    """The reference on lists of tensors of one device and dtype, in that dtype."""
+    """The reference on lists of tensors of one device and dtype.
+
+    16-bit tensors are updated through float32 copies (as the fused kernels and the
+    reference do): in fp16, (1 - b2) * g * g underflows and m / (sqrt(v) + eps) explodes.
+    """
+    if params[0].dtype in (torch.float16, torch.bfloat16):
+        wide = [[t.float() for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
+        bert_adam_foreach(*wide, steps, h, clip_coef)
+        for narrow, wide_ts in ((params, wide[0]), (exp_avgs, wide[2]), (exp_avg_sqs, wide[3])):
+            torch._foreach_copy_(narrow, wide_ts)
+        return
     torch._foreach_add_(steps, 1)
     if clip_coef is not None:
         grads = torch._foreach_mul(grads, clip_coef.to(grads[0].device))

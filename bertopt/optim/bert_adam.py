@@ -154,7 +154,7 @@ class BertAdam(Optimizer):
             self.max_grad_norm = extra["max_grad_norm"]
             self.skipped_steps = extra["skipped_steps"]
 
-    def _init_group(self, group: dict[str, Any], impl_hint: str):
+    def _gather(self, group: dict[str, Any], impl_hint: str):
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for p in group["params"]:
             if p.grad is None:
@@ -175,6 +175,9 @@ class BertAdam(Optimizer):
             steps.append(state["step"])
         return params, grads, exp_avgs, exp_avg_sqs, steps
 
+    # Runs eagerly inside torch.compile'd code (a graph break): the fused kernels mutate
+    # their inputs in ways functionalization rejects, and the step is memory-bound anyway.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         loss = None
@@ -186,7 +189,7 @@ class BertAdam(Optimizer):
         for group in self.param_groups:
             candidates = [p for p in group["params"] if p.grad is not None]
             impl = choose_implementation(candidates, group["foreach"], group["fused"]) if candidates else "reference"
-            gathered.append((group, impl, self._init_group(group, impl)))
+            gathered.append((group, impl, self._gather(group, impl)))
 
         all_grads = [g for _, _, tensors in gathered for g in tensors[1]]
         total_norm = global_grad_norm(all_grads)
