@@ -1,0 +1,171 @@
+"""Run reports: ``metrics.jsonl`` (one JSON object per logged step), ``summary.json`` and plots.
+
+Shared by ``bertopt pretrain`` and ``bertopt finetune``. The files of a run directory::
+
+    <out>/metrics.jsonl   {"step": 10, "loss": 7.91, "lr": 1e-4, "grad_norm": 2.3, ...} per line
+    <out>/summary.json    final numbers of the run (written atomically)
+    <out>/loss.png        training loss (and held-out loss, when evaluated) against step
+    <out>/lr.png          learning rate against step
+
+matplotlib is imported inside :func:`plot_metrics` (Agg backend), so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from bertopt.train.checkpoint import atomic_write_bytes
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON values: tensors and numpy scalars become floats, NaN/inf become strings."""
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN; "nan"/"inf" stay readable and parseable
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``path``.
+
+    ``resume_step=None`` starts a new file. ``resume_step=s`` keeps only the records with
+    ``step <= s`` (a resumed run re-logs the steps after its checkpoint), so the file of an
+    interrupted-and-resumed run reads like the file of an uninterrupted one.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        self._file = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step is not None and self.path.exists():
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        atomic_write_bytes(self.path, text.encode())
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def append(self, record: dict[str, Any]) -> None:
+        if self._file is None:
+            return
+        self._file.write(json.dumps(_jsonable(record)) + "\n")
+        self._file.flush()  # a crash loses at most the line being written
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "MetricsLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Records of a metrics.jsonl file; a torn last line (crash mid-write) is ignored."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def write_summary(path: str | os.PathLike, summary: dict[str, Any]) -> Path:
+    """Write ``summary`` as indented JSON, atomically."""
+    path = Path(path)
+    atomic_write_bytes(path, (json.dumps(_jsonable(summary), indent=2) + "\n").encode())
+    return path
+
+
+def _series(records: Iterable[dict], key: str) -> tuple[list[float], list[float]]:
+    xs, ys = [], []
+    for r in records:
+        v = r.get(key)
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            xs.append(r["step"])
+            ys.append(float(v))
+    return xs, ys
+
+
+def plot_metrics(
+    records: list[dict[str, Any]],
+    out_dir: str | os.PathLike,
+    *,
+    title: str = "",
+    eval_loss_key: str = "eval_loss",
+    eval_metric_key: str | None = "eval_accuracy",
+) -> list[Path]:
+    """Draw ``loss.png`` (train loss, held-out loss and accuracy if present) and ``lr.png``.
+
+    Returns the paths written. Keys missing from ``records`` are left out of the plots.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    xs, ys = _series(records, "loss")
+    ax.plot(xs, ys, color="tab:blue", linewidth=1.2, label="train loss")
+    ex, ey = _series(records, eval_loss_key)
+    if ex:
+        ax.plot(ex, ey, "o-", color="tab:orange", markersize=4, label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if eval_metric_key:
+        mx, my = _series(records, eval_metric_key)
+        if mx:
+            ax2 = ax.twinx()
+            ax2.plot(mx, my, "s--", color="tab:green", markersize=4, label=eval_metric_key.replace("_", " "))
+            ax2.set_ylabel(eval_metric_key.replace("_", " "))
+            h2, l2 = ax2.get_legend_handles_labels()
+            handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="upper right")
+    ax.set_title(f"{title} loss".strip())
+    fig.tight_layout()
+    path = out_dir / "loss.png"
+    fig.savefig(path)
+    plt.close(fig)
+    written.append(path)
+
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=110)
+    xs, ys = _series(records, "lr")
+    ax.plot(xs, ys, color="tab:purple", linewidth=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{title} learning rate".strip())
+    fig.tight_layout()
+    path = out_dir / "lr.png"
+    fig.savefig(path)
+    plt.close(fig)
+    written.append(path)
+    return written

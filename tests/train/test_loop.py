@@ -1,0 +1,149 @@
+"""The shared training loop: exact resume, signals, faults, metrics and reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from _toy import ToyTask, make_model, make_optimizer
+from bertopt.train import checkpoint as ckpt
+from bertopt.train.loop import EpochBatchSampler, LoopConfig, TrainingError, run_training
+from bertopt.train.report import read_metrics
+
+TOTAL = 20
+
+
+def _run(out, *, seed=0, hook=None, resume=None, total=TOTAL, **overrides):
+    model = make_model(seed)
+    optimizer, scheduler = make_optimizer(model, total)
+    torch.manual_seed(1000 + seed)  # the RNG that dropout draws from (a resumed run restores it)
+    options = dict(out_dir=out, total_steps=total, log_every=3, eval_every=6, save_every=5, progress=False,
+                   resume=resume, run_info={"task": "toy", "batch_size": 8}, resume_must_match=("batch_size",))
+    options.update(overrides)
+    result = run_training(model, optimizer, scheduler, ToyTask(hook=hook), LoopConfig(**options))
+    return result, model
+
+
+def _losses(out):
+    return [(r["step"], r["loss"], r["lr"], r["grad_norm"], r.get("eval_loss")) for r in read_metrics(out / "metrics.jsonl")]
+
+
+def test_straight_run_writes_metrics_summary_plots_checkpoint(tmp_path):
+    result, _ = _run(tmp_path)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [3, 6, 9, 12, 15, 18, 20]
+    for r in records:
+        assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "train_abs_error"} <= set(r)
+    assert [r["step"] for r in records if "eval_loss" in r] == [6, 12, 18, 20]
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert records[0]["lr"] == pytest.approx(0.05 * (1 - 2 / TOTAL))  # lr used by step 3 (index 2)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps_completed"] == TOTAL and summary["stopped_by"] is None
+    assert summary["eval_loss"] == records[-1]["eval_loss"]
+    assert {os.path.basename(p) for p in summary["plots"]} == {"loss.png", "lr.png"}
+    assert [c.step for c in ckpt.list_checkpoints(tmp_path / "checkpoints")] == [15, 20]
+    assert result.checkpoint.name == "step-00000020.json"
+    assert ckpt.load_checkpoint(tmp_path / "checkpoints").info.meta["data_position"] == {
+        "epoch": 2, "batch_in_epoch": 4, "example_offset": 32}
+
+
+def test_crash_then_resume_equals_uninterrupted(tmp_path):
+    _run(tmp_path / "straight")
+
+    def crash(step):
+        if step == 13:  # after the checkpoint of step 10, in the middle of a log window (12..15)
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(tmp_path / "resumed", hook=crash)
+    result, _ = _run(tmp_path / "resumed", seed=99, resume="auto")  # different init: must be overwritten
+    assert result.resumed_from == 10
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")  # exact, dropout included
+
+
+def test_sigint_saves_and_stops_then_resume_equals_uninterrupted(tmp_path):
+    _run(tmp_path / "straight")
+
+    def interrupt(step):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    result, _ = _run(tmp_path / "resumed", hook=interrupt)
+    assert result.stopped_by == "SIGINT" and result.step == 8
+    assert ckpt.load_checkpoint(tmp_path / "resumed" / "checkpoints").info.step == 8
+    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["stopped_by"] == "SIGINT"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    result, _ = _run(tmp_path / "resumed", seed=5, resume=tmp_path / "resumed" / "checkpoints")
+    assert result.resumed_from == 8 and result.step == TOTAL
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_checkpoint(tmp_path):
+    def poison(step):
+        if step == 11:
+            task_ref.x[:] = float("nan")
+
+    task_ref = None
+
+    def hook(step):
+        poison(step)
+
+    model = make_model()
+    optimizer, scheduler = make_optimizer(model, TOTAL)
+    task_ref = ToyTask(hook=hook)
+    with pytest.raises(TrainingError, match=r"loss is nan at step 12.*step-00000010.json"):
+        run_training(model, optimizer, scheduler, task_ref,
+                     LoopConfig(out_dir=tmp_path, total_steps=TOTAL, save_every=5, progress=False))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert ckpt.load_checkpoint(tmp_path / "checkpoints").info.step == 10
+
+
+def test_unwritable_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
+    real_save = ckpt.save_checkpoint
+
+    def full_disk_after_first(directory, step, state, **kw):
+        if step > 5:
+            raise OSError(28, "No space left on device")
+        return real_save(directory, step, state, **kw)
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", full_disk_after_first)
+    with pytest.raises(TrainingError, match=r"step 10 .*No space left.*step 5 is intact.*--resume"):
+        _run(tmp_path)
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    _run(tmp_path, total=6)
+    model = make_model()
+    optimizer, scheduler = make_optimizer(model, TOTAL)
+    config = LoopConfig(out_dir=tmp_path, total_steps=TOTAL, progress=False, resume="auto",
+                        run_info={"batch_size": 16}, resume_must_match=("batch_size",))
+    with pytest.raises(ckpt.CheckpointError, match="batch_size=8 but this run has batch_size=16"):
+        run_training(model, optimizer, scheduler, ToyTask(), config)
+
+
+def test_config_validation(tmp_path):
+    with pytest.raises(ValueError, match="total steps"):
+        LoopConfig(out_dir=tmp_path, total_steps=0).validate()
+    with pytest.raises(ValueError, match="save_every"):
+        LoopConfig(out_dir=tmp_path, total_steps=5, save_every=-1).validate()
+
+
+def test_epoch_batch_sampler():
+    sampler = EpochBatchSampler(10, 4, seed=3)
+    assert sampler.steps_per_epoch == 2
+    epoch0 = np.concatenate([sampler.indices(0), sampler.indices(1)])
+    assert len(set(epoch0.tolist())) == 8  # no repeats within an epoch; 2 examples dropped
+    assert not np.array_equal(sampler.global_indices(0), sampler.global_indices(2))  # reshuffled
+    assert sampler.position(5) == {"epoch": 2, "batch_in_epoch": 1, "example_offset": 4}
+    ranks = [EpochBatchSampler(10, 4, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    for step in range(5):
+        assert np.array_equal(np.concatenate([r.indices(step) for r in ranks]), sampler.global_indices(step))
+    with pytest.raises(ValueError, match="divisible"):
+        EpochBatchSampler(10, 3, world_size=2)
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        EpochBatchSampler(3, 4)
