@@ -18,6 +18,9 @@ COMMANDS = {
     "bench": "bertopt.bench.command",
 }
 
+# Packages of the `train` extra: without them the training commands are not offered.
+OPTIONAL_EXTRAS = {"transformers", "tokenizers", "matplotlib", "tqdm", "safetensors", "numpy"}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -29,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name in COMMANDS.items():
         try:
             module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:  # a command whose extra is not installed
-            if not (exc.name or "").startswith(("bertopt", "transformers", "tokenizers", "matplotlib", "tqdm")):
+        except ModuleNotFoundError as exc:
+            # Only a missing optional extra hides a command; a broken import in our own code must show.
+            if exc.name != module_name and (exc.name or "").split(".")[0] not in OPTIONAL_EXTRAS:
                 raise
             continue
         cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
