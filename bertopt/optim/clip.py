@@ -13,17 +13,57 @@ import torch
 from torch import Tensor
 
 try:  # DTensor (FSDP2 / tensor parallel): a local norm is not the norm of the whole tensor
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate
 except ImportError:  # pragma: no cover - torch built without distributed
     DTensor = ()  # type: ignore[assignment,misc]
+
+
+def local_part(t: Tensor) -> Tensor:
+    """The part of ``t`` this process holds: its shard for a DTensor, else ``t`` itself.
+
+    In-place operations on the result change ``t`` (``to_local`` is a view under no_grad).
+    """
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def whole_sums_of_squares(local_sums: Tensor, tensors: list[Tensor]) -> Tensor:
+    """Turn per-tensor sums of squares of local shards into those of the whole tensors.
+
+    ``local_sums[i]`` is the sum of squares of ``local_part(tensors[i])``. Entries of
+    DTensors are summed over the mesh dimensions the tensor is sharded on (replicated
+    dimensions already hold the whole), with one all-reduce per distinct
+    (mesh, placements); plain tensors are returned as they are. Every process must call
+    this with the same list of tensors, in the same order.
+    """
+    by_layout: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if isinstance(t, DTensor):
+            by_layout.setdefault((t.device_mesh, tuple(t.placements)), []).append(i)
+    if not by_layout:
+        return local_sums
+    out = local_sums.clone()
+    for (mesh, placements), indices in by_layout.items():
+        if any(p.is_partial() for p in placements):
+            raise ValueError(
+                f"cannot take the norm of a DTensor with Partial placements {placements}; "
+                "redistribute it to Shard/Replicate first"
+            )
+        # The local sums of a sharded dimension add up to the whole: reduce them as Partial.
+        as_partial = [Partial() if p.is_shard() else Replicate() for p in placements]
+        index = torch.tensor(indices, device=local_sums.device)
+        local = local_sums.index_select(0, index).to(mesh.device_type)
+        summed = DTensor.from_local(local, mesh, as_partial, run_check=False).full_tensor()
+        out.index_copy_(0, index, summed.to(out.device))
+    return out
 
 
 def global_grad_norm(grads: list[Tensor]) -> Tensor:
     """The L2 norm of all ``grads`` taken together, as a 0-dim float32 tensor.
 
     Squares are summed per device in one ``_foreach_norm`` call, then across devices.
-    For DTensors the sums are reduced over the mesh, so the result is the norm of the
-    full (unsharded) tensors, the same on every rank.
+    For DTensors the sums of squares of the local shards are reduced over the mesh
+    (``whole_sums_of_squares``), so the result is the norm of the full (unsharded)
+    tensors, the same on every rank; DTensors and plain tensors may be mixed.
     """
     if not grads:
         return torch.zeros((), dtype=torch.float32)
@@ -32,13 +72,14 @@ def global_grad_norm(grads: list[Tensor]) -> Tensor:
         by_device[g.device].append(g)
     per_device = []
     for device_grads in by_device.values():
-        norms = torch._foreach_norm(device_grads, 2.0)
-        per_device.append(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))
+        # Norms of the local shards; DTensors (any mix of meshes, or with plain
+        # tensors) are then made whole by summing their squares across the mesh.
+        norms = torch.stack([n.float() for n in torch._foreach_norm([local_part(g) for g in device_grads], 2.0)])
+        if any(isinstance(g, DTensor) for g in device_grads):
+            norms = whole_sums_of_squares(norms * norms, device_grads).sqrt()
+        per_device.append(torch.linalg.vector_norm(norms))
     first = per_device[0]
-    total = torch.linalg.vector_norm(torch.stack([n.to(first.device) for n in per_device]))
-    if isinstance(total, DTensor):
-        total = total.full_tensor()
-    return total
+    return torch.linalg.vector_norm(torch.stack([n.to(first.device) for n in per_device]))
 
 
 def clip_coefficient(total_norm: Tensor, max_norm: float) -> Tensor:
