@@ -4,8 +4,11 @@
                Every fast path is tested against it.
 ``foreach``    the same equations on lists of tensors (``torch._foreach_*``), with
                list-sized temporaries (16-bit tensors go through float32 copies).
-``fused``      torch's fused Adam/AdamW kernels, which read p, g, m, v and write p, m, v
-               once, with no temporaries. Two facts make them compute BERT's update:
+``fused``      one pass that reads p, g, m, v and writes p, m, v once, with no
+               temporaries. For float32 CPU tensors it is our own C kernel
+               (``_native``: the reference's operations, 32 bytes per parameter with the
+               norm). Elsewhere it is torch's fused Adam/AdamW kernels; two facts make
+               them compute BERT's update:
                the global-norm clip coefficient enters as ``grad_scale`` (the kernel
                divides the gradient by it), and bias correction is switched off by
                handing the kernel a step count so large that ``beta**step`` is 0, so
@@ -30,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from bertopt.optim import _native
 
 # beta**_NO_BIAS_CORRECTION_STEP underflows to exactly 0 for any beta < 1 that makes
 # sense (0.999**2**30 = 0.0 in float64), so the fused kernels' bias corrections are 1.
@@ -109,6 +114,27 @@ def bert_adam_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper,
 
 
 def bert_adam_fused(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper, clip_coef: Tensor | None):
+    """The fastest one-pass kernel for these tensors.
+
+    float32 CPU tensors: our own kernel (``_native``), which reads p, g, m, v and writes
+    p, m, v once, leaves ``.grad`` untouched, and computes the reference's float32
+    operations. Anything else (other dtypes, devices, layouts, or no C compiler):
+    torch's fused Adam/AdamW kernel (``bert_adam_fused_torch``).
+    """
+    lib = _native.library() if _native.eligible(params, grads, exp_avgs, exp_avg_sqs) else None
+    if lib is None:
+        bert_adam_fused_torch(params, grads, exp_avgs, exp_avg_sqs, steps, h, clip_coef)
+        return
+    torch._foreach_add_(steps, 1)
+    bias_corrections = None
+    if h.bias_correction:
+        ts = [s.item() for s in steps]
+        bias_corrections = ([1 - h.beta1**t for t in ts], [1 - h.beta2**t for t in ts])
+    _native.adam_step(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, h,
+                      None if clip_coef is None else clip_coef.item())
+
+
+def bert_adam_fused_torch(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper, clip_coef: Tensor | None):
     """torch's fused Adam/AdamW kernel, steered to BERT's update (see module docstring).
 
     The kernel stores the unscaled (here: clipped) gradient back into ``.grad``.

@@ -1,0 +1,413 @@
+"""A small C kernel for BERT's Adam step on CPU float32, compiled on first use.
+
+Why it exists: an optimizer step is pure memory traffic. Per float32 parameter BERT's
+step must read g once for the global norm (4 bytes) and then read p, g, m, v and write
+p, m, v (28 bytes): 32 bytes is the floor. torch's fused CPU Adam kernel, when handed
+the clip coefficient as ``grad_scale``, also writes the scaled gradient back (36 bytes),
+and ``clip_grad_norm_`` + ``AdamW(fused=True)`` moves 40. This kernel moves 32, with
+no temporaries, and computes exactly the reference's float32 operations (same order,
+the same fused multiply-adds torch uses), so its result equals the reference's bit
+for bit when both are given the same clip coefficient.
+
+Work is split into chunks of at most ``_CHUNK`` elements that threads take from a shared
+counter, so a core stolen by another process slows the step down by its share only
+(a static split would wait for the slowest thread). The squared-norm partials are
+summed in chunk order, so the norm does not depend on the thread count or timing.
+
+The C source is compiled with the system compiler into a per-user cache the first time
+it is needed (about a second) and loaded with ctypes: no Python headers, no torch
+headers, nothing to build at install time. Without a compiler, on non-POSIX systems,
+or with ``BERTOPT_NATIVE=0`` in the environment, :func:`library` returns None and the
+callers use torch's kernels instead. :func:`status` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+# Elements per work item: 256K floats = 1 MiB per array, large enough that the
+# per-item overhead vanishes, small enough to balance two busy cores.
+_CHUNK = 1 << 18
+
+C_SOURCE = r"""
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define ABI_VERSION 1
+
+typedef struct { int64_t tensor, start, len; } item_t;
+
+/* Cut every tensor into items of at most `chunk` elements. Caller frees. */
+static item_t *make_items(const int64_t *numels, int64_t n_tensors, int64_t chunk, int64_t *n_items) {
+    int64_t count = 0;
+    for (int64_t t = 0; t < n_tensors; t++) count += (numels[t] + chunk - 1) / chunk;
+    item_t *items = malloc((size_t)(count > 0 ? count : 1) * sizeof(item_t));
+    if (!items) return NULL;
+    int64_t k = 0;
+    for (int64_t t = 0; t < n_tensors; t++)
+        for (int64_t s = 0; s < numels[t]; s += chunk) {
+            items[k].tensor = t;
+            items[k].start = s;
+            items[k].len = numels[t] - s < chunk ? numels[t] - s : chunk;
+            k++;
+        }
+    *n_items = count;
+    return items;
+}
+
+typedef struct job job_t;
+struct job {
+    const item_t *items;
+    int64_t n_items;
+    atomic_long next;
+    void (*work)(const job_t *, const item_t *, int64_t);
+    void *args;
+};
+
+static void *worker(void *arg) {
+    job_t *job = (job_t *)arg;
+    for (;;) {
+        long k = atomic_fetch_add_explicit(&job->next, 1, memory_order_relaxed);
+        if (k >= job->n_items) break;
+        job->work(job, &job->items[k], k);
+    }
+    return NULL;
+}
+
+/* Run job->work on every item with n_threads threads (the caller is one of them). */
+static int run_job(job_t *job, int n_threads) {
+    pthread_t threads[256];
+    if (n_threads > 256) n_threads = 256;
+    if ((int64_t)n_threads > job->n_items) n_threads = (int)job->n_items;
+    int started = 0;
+    for (int i = 1; i < n_threads; i++) {
+        if (pthread_create(&threads[started], NULL, worker, job) != 0) break;
+        started++;
+    }
+    worker(job);
+    for (int i = 0; i < started; i++) pthread_join(threads[i], NULL);
+    return 0;
+}
+
+/* ---- sum of squares (global gradient norm) ---- */
+
+typedef struct { float *const *x; double *partial; } sumsq_args;
+
+static void sumsq_item(const job_t *job, const item_t *it, int64_t k) {
+    const sumsq_args *a = (const sumsq_args *)job->args;
+    const float *restrict x = a->x[it->tensor] + it->start;
+    /* 16 independent accumulators so the compiler can vectorize without reassociating;
+       a float*float product is exact in double, so only the additions round. */
+    double acc[16] = {0};
+    int64_t i = 0, n = it->len;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) acc[j] += (double)x[i + j] * (double)x[i + j];
+    for (; i < n; i++) acc[0] += (double)x[i] * (double)x[i];
+    double s = 0.0;
+    for (int j = 0; j < 16; j++) s += acc[j];
+    a->partial[k] = s;
+}
+
+int64_t bertopt_abi_version(void) { return ABI_VERSION; }
+
+/* Sum of x*x over all tensors, in double; returns -1.0 if memory ran out. */
+double bertopt_sumsq_f32(float *const *x, const int64_t *numels, int64_t n_tensors, int n_threads, int64_t chunk) {
+    int64_t n_items = 0;
+    item_t *items = make_items(numels, n_tensors, chunk, &n_items);
+    if (!items) return -1.0;
+    double *partial = calloc((size_t)(n_items > 0 ? n_items : 1), sizeof(double));
+    if (!partial) { free(items); return -1.0; }
+    sumsq_args a = {x, partial};
+    job_t job = {items, n_items, 0, sumsq_item, &a};
+    run_job(&job, n_threads);
+    double s = 0.0;
+    for (int64_t k = 0; k < n_items; k++) s += partial[k];  /* fixed order: deterministic */
+    free(partial);
+    free(items);
+    return s;
+}
+
+/* ---- the Adam update ---- */
+
+typedef struct {
+    float *const *p; float *const *g; float *const *m; float *const *v;
+    const float *bc1; const float *bc2;   /* per tensor: 1 - beta^t, or NULL: no bias correction */
+    float clip; int has_clip;
+    float lr_neg, beta1, one_minus_beta1, beta2, one_minus_beta2, eps, wd;
+    int decoupled;
+} adam_args;
+
+/* The reference implementation's float32 operations, in its order. torch's add_(x, alpha)
+   and addcmul_ round as fmaf(alpha, x, self) and fmaf(value*t1, t2, self); everything
+   else is one IEEE operation per line. Compiled with -ffp-contract=off so that nothing
+   else gets fused. */
+static inline void adam_span(float *restrict p, const float *restrict g, float *restrict m, float *restrict v,
+                             int64_t n, const adam_args *a, float bc1, float bc2,
+                             const int has_clip, const int l2, const int decoupled_wd, const int bias_corr) {
+    const float c = a->clip, wd = a->wd, b1 = a->beta1, omb1 = a->one_minus_beta1;
+    const float b2 = a->beta2, omb2 = a->one_minus_beta2, eps = a->eps, lr_neg = a->lr_neg;
+    for (int64_t i = 0; i < n; i++) {
+        const float pi = p[i];
+        float gi = g[i];
+        if (has_clip) gi = gi * c;
+        if (l2) gi = gi + wd * pi;
+        float mi = m[i] * b1;
+        mi = fmaf(omb1, gi, mi);
+        float vi = v[i] * b2;
+        vi = fmaf(omb2 * gi, gi, vi);
+        m[i] = mi;
+        v[i] = vi;
+        float mh = mi, vh = vi;
+        if (bias_corr) { mh = mi / bc1; vh = vi / bc2; }
+        float u = mh / (sqrtf(vh) + eps);
+        if (decoupled_wd) u = u + wd * pi;
+        p[i] = fmaf(lr_neg, u, pi);
+    }
+}
+
+static void adam_item(const job_t *job, const item_t *it, int64_t k) {
+    (void)k;
+    const adam_args *a = (const adam_args *)job->args;
+    const int64_t t = it->tensor, s = it->start;
+    float *p = a->p[t] + s, *m = a->m[t] + s, *v = a->v[t] + s;
+    const float *g = a->g[t] + s;
+    const int bias_corr = a->bc1 != NULL;
+    const float bc1 = bias_corr ? a->bc1[t] : 1.0f, bc2 = bias_corr ? a->bc2[t] : 1.0f;
+    const int has_wd = a->wd != 0.0f;
+    const int l2 = has_wd && !a->decoupled, dec = has_wd && a->decoupled;
+    /* Constant flags per call site let the compiler emit one branch-free loop each. */
+    if (a->has_clip) {
+        if (bias_corr) adam_span(p, g, m, v, it->len, a, bc1, bc2, 1, l2, dec, 1);
+        else if (dec) adam_span(p, g, m, v, it->len, a, bc1, bc2, 1, 0, 1, 0);
+        else if (l2) adam_span(p, g, m, v, it->len, a, bc1, bc2, 1, 1, 0, 0);
+        else adam_span(p, g, m, v, it->len, a, bc1, bc2, 1, 0, 0, 0);
+    } else {
+        if (bias_corr) adam_span(p, g, m, v, it->len, a, bc1, bc2, 0, l2, dec, 1);
+        else if (dec) adam_span(p, g, m, v, it->len, a, bc1, bc2, 0, 0, 1, 0);
+        else if (l2) adam_span(p, g, m, v, it->len, a, bc1, bc2, 0, 1, 0, 0);
+        else adam_span(p, g, m, v, it->len, a, bc1, bc2, 0, 0, 0, 0);
+    }
+}
+
+/* One Adam step over n_tensors float32 tensors. Returns 0, or -1 if memory ran out. */
+int bertopt_adam_f32(float *const *p, float *const *g, float *const *m, float *const *v,
+                     const int64_t *numels, int64_t n_tensors,
+                     const float *bc1, const float *bc2, int has_clip, float clip,
+                     float lr, float beta1, float beta2, float eps, float wd, int decoupled,
+                     float one_minus_beta1, float one_minus_beta2, int n_threads, int64_t chunk) {
+    int64_t n_items = 0;
+    item_t *items = make_items(numels, n_tensors, chunk, &n_items);
+    if (!items) return -1;
+    adam_args a = {p, g, m, v, bc1, bc2, clip, has_clip, -lr, beta1, one_minus_beta1,
+                   beta2, one_minus_beta2, eps, wd, decoupled};
+    job_t job = {items, n_items, 0, adam_item, &a};
+    run_job(&job, n_threads);
+    free(items);
+    return 0;
+}
+"""
+
+_ABI_VERSION = 1
+_BASE_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-ffp-contract=off"]
+
+_lock = threading.Lock()
+_loaded: ctypes.CDLL | None = None
+_status = "not loaded yet"
+_tried = False
+_enabled = True
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("BERTOPT_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "bertopt"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on, so a cache shared between machines stays correct."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features", "model name")):
+                    flags += line
+                if line.strip() == "":
+                    break
+    except OSError:
+        pass
+    return platform.machine() + flags
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _compile(cc: str, out: Path, flags: list[str]) -> str | None:
+    """Compile C_SOURCE to ``out`` atomically; return an error message or None."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src = Path(tmp) / "bertopt_adam.c"
+        src.write_text(C_SOURCE)
+        tmp_out = Path(tmp) / out.name
+        proc = subprocess.run([cc, *flags, str(src), "-o", str(tmp_out), "-lm"],
+                              capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            return proc.stderr.strip()[-2000:] or f"{cc} exited with {proc.returncode}"
+        os.replace(tmp_out, out)  # atomic: concurrent processes never load a partial file
+    return None
+
+
+def _build_and_load() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("BERTOPT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, "disabled by BERTOPT_NATIVE=0"
+    if os.name != "posix":
+        return None, f"not built on {os.name} (needs a POSIX C compiler and pthreads)"
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc or not shutil.which(cc):
+        return None, "no C compiler found (set CC, or install gcc/clang)"
+    version = _compiler_version(cc)
+    errors = []
+    # -march=native first (vector width of this CPU); plain -O3 if the compiler refuses it.
+    for extra in (["-march=native"], []):
+        flags = _BASE_FLAGS + extra
+        key = hashlib.sha256("\0".join([C_SOURCE, cc, version, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
+        path = _cache_dir() / f"bertopt_adam_{key}.so"
+        try:
+            if not path.exists():
+                err = _compile(cc, path, flags)
+                if err is not None:
+                    errors.append(err)
+                    continue
+            lib = ctypes.CDLL(str(path))
+        except (OSError, subprocess.SubprocessError) as exc:
+            errors.append(str(exc))
+            continue
+        if lib.bertopt_abi_version() != _ABI_VERSION:
+            errors.append(f"{path} has the wrong ABI version")
+            continue
+        _declare(lib)
+        return lib, f"loaded {path}"
+    return None, "compiling the native kernel failed: " + " | ".join(errors)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    ptrs, i64, f32, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    lib.bertopt_abi_version.restype = i64
+    lib.bertopt_sumsq_f32.restype = ctypes.c_double
+    lib.bertopt_sumsq_f32.argtypes = [ptrs, ptrs, i64, c_int, i64]
+    lib.bertopt_adam_f32.restype = c_int
+    lib.bertopt_adam_f32.argtypes = [ptrs, ptrs, ptrs, ptrs, ptrs, i64, ptrs, ptrs, c_int, f32,
+                                     f32, f32, f32, f32, f32, c_int, f32, f32, c_int, i64]
+
+
+def use_native(enabled: bool) -> bool:
+    """Switch the native kernel on or off in this process (to compare paths); returns the old setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    return previous
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, building it on first call; None if unavailable (see status())."""
+    global _loaded, _status, _tried
+    if not _enabled:
+        return None
+    if not _tried:
+        with _lock:
+            if not _tried:
+                _loaded, _status = _build_and_load()
+                _tried = True
+    return _loaded
+
+
+def status() -> str:
+    """Why the native kernel is or is not in use."""
+    if not _enabled:
+        return "switched off with use_native(False)"
+    library()
+    return _status
+
+
+def reset_for_tests() -> None:
+    """Forget the loaded library so the next call re-reads BERTOPT_NATIVE (tests only)."""
+    global _loaded, _status, _tried
+    with _lock:
+        _loaded, _status, _tried = None, "not loaded yet", False
+
+
+def eligible(*tensor_lists: list[Tensor]) -> bool:
+    """True if the kernel can work on these tensors in place: CPU, float32, dense, contiguous.
+
+    Tensor subclasses (DTensor, fake tensors under tracing) are left to torch's kernels.
+    """
+    return all(
+        type(t) in _PLAIN_TENSOR_TYPES and t.device.type == "cpu" and t.dtype == torch.float32
+        and t.layout == torch.strided and t.is_contiguous()
+        for tensors in tensor_lists for t in tensors
+    )
+
+
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _pointer_array(tensors: list[Tensor]):
+    return (ctypes.c_void_p * len(tensors))(*[t.data_ptr() for t in tensors])
+
+
+def _numels(tensors: list[Tensor]):
+    return (ctypes.c_int64 * len(tensors))(*[t.numel() for t in tensors])
+
+
+def sum_of_squares(lib: ctypes.CDLL, tensors: list[Tensor]) -> float:
+    """Sum of squares of float32 CPU tensors (``eligible``), accumulated in double."""
+    s = lib.bertopt_sumsq_f32(_pointer_array(tensors), _numels(tensors), len(tensors),
+                              torch.get_num_threads(), _CHUNK)
+    if s == -1.0:
+        raise MemoryError("bertopt native kernel: out of memory for its work list")
+    return s
+
+
+def adam_step(lib: ctypes.CDLL, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, h, clip_coef: float | None):
+    """One in-place BERT Adam update on ``eligible`` tensors (see ``_impl`` for the equations).
+
+    ``bias_corrections`` is None or a pair of per-tensor lists ``(1 - b1**t, 1 - b2**t)``.
+    """
+    n = len(params)
+    if bias_corrections is None:
+        bc1 = bc2 = None
+    else:
+        bc1 = (ctypes.c_float * n)(*bias_corrections[0])
+        bc2 = (ctypes.c_float * n)(*bias_corrections[1])
+    err = lib.bertopt_adam_f32(
+        _pointer_array(params), _pointer_array(grads), _pointer_array(exp_avgs), _pointer_array(exp_avg_sqs),
+        _numels(params), n, bc1, bc2, clip_coef is not None, 1.0 if clip_coef is None else clip_coef,
+        h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.decoupled,
+        # torch turns the Python double 1 - beta into float32; so do we (c_float rounds).
+        1.0 - h.beta1, 1.0 - h.beta2, torch.get_num_threads(), _CHUNK,
+    )
+    if err != 0:
+        raise MemoryError("bertopt native kernel: out of memory for its work list")
+    # We wrote through raw pointers; tell autograd, as torch's own in-place ops do, so
+    # that a backward through a graph that saved these tensors still raises.
+    torch.autograd.graph.increment_version(params)
+    torch.autograd.graph.increment_version(exp_avgs)
+    torch.autograd.graph.increment_version(exp_avg_sqs)

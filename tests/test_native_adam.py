@@ -1,0 +1,210 @@
+"""The native CPU kernel behind BertAdam's fused path (bertopt/optim/_native.py), and its
+fallback to torch's fused kernel: exactness against the reference, thread-count
+independence, what it leaves untouched, and what happens without a compiler."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+
+import bertopt
+from bertopt.optim import _impl, _native
+
+needs_compiler = pytest.mark.skipif(
+    _native.library() is None, reason=f"native kernel unavailable: {_native.status()}"
+)
+
+# Sizes cross the kernel's work-item boundary (_CHUNK) and include empty and 0-dim tensors.
+SHAPES = [(_native._CHUNK + 3,), (37, 5), (), (0,), (4, 0), (1000,)]
+
+
+def make_state(seed, shapes=SHAPES):
+    gen = torch.Generator().manual_seed(seed)
+    p = [torch.randn(s, generator=gen) for s in shapes]
+    g = [torch.randn(s, generator=gen) for s in shapes]
+    m = [0.1 * torch.randn(s, generator=gen) for s in shapes]
+    v = [0.01 * torch.rand(s, generator=gen) for s in shapes]
+    steps = [torch.tensor(4.0) for _ in shapes]
+    return p, g, m, v, steps
+
+
+def clone_all(state):
+    return [[t.clone() for t in lst] for lst in state]
+
+
+@pytest.fixture
+def native_on():
+    previous = _native.use_native(True)
+    yield
+    _native.use_native(previous)
+
+
+@needs_compiler
+@pytest.mark.parametrize("decoupled", [True, False])
+@pytest.mark.parametrize("bias_correction", [False, True])
+@pytest.mark.parametrize("clip", [None, 0.37, 1.0])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_native_step_is_the_reference_up_to_torchs_sqrt(native_on, decoupled, bias_correction, clip, weight_decay):
+    h = _impl.AdamHyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=weight_decay,
+                        bias_correction=bias_correction, decoupled=decoupled)
+    clip_coef = None if clip is None else torch.tensor(clip)
+    ref = make_state(0)
+    nat = clone_all(ref)
+    _impl.bert_adam_reference(*ref, h, clip_coef)
+    _impl.bert_adam_fused(*nat, h, clip_coef)
+    p_ref, g_ref, m_ref, v_ref, s_ref = ref
+    p_nat, g_nat, m_nat, v_nat, s_nat = nat
+    for i in range(len(SHAPES)):
+        # Same float32 operations in the same order: the moments are bit-identical.
+        assert torch.equal(m_ref[i], m_nat[i]) and torch.equal(v_ref[i], v_nat[i])
+        assert torch.equal(g_ref[i], g_nat[i])  # .grad is read, never written
+        assert torch.equal(s_ref[i], s_nat[i])
+        # The only difference: torch's CPU sqrt (MKL) is not always correctly rounded, ours
+        # is; one ulp in sqrt(v) is at most ~2^-23 relative in the update u, so p may move
+        # by lr*|u|*2^-22 plus its own rounding (one ulp of p).
+        m_hat = m_ref[i] / (1 - 0.9**5) if bias_correction else m_ref[i]
+        v_hat = v_ref[i] / (1 - 0.999**5) if bias_correction else v_ref[i]
+        u = (m_hat / (v_hat.sqrt() + h.eps)).abs() + weight_decay * p_ref[i].abs()
+        bound = h.lr * u * 2.0**-22 + torch.finfo(torch.float32).eps * p_ref[i].abs()
+        assert torch.all((p_ref[i] - p_nat[i]).abs() <= bound)
+
+
+@needs_compiler
+def test_native_result_does_not_depend_on_thread_count(native_on):
+    h = _impl.AdamHyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01,
+                        bias_correction=False, decoupled=True)
+    shapes = [(3 * _native._CHUNK + 11,), (_native._CHUNK,), (768,)]
+    results, norms = [], []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            state = make_state(1, shapes)
+            norms.append(_native.sum_of_squares(_native.library(), state[1]))
+            _impl.bert_adam_fused(*state, h, torch.tensor(0.5))
+            results.append(state)
+    finally:
+        torch.set_num_threads(threads)
+    assert norms[0] == norms[1] == norms[2]  # partial sums are added in a fixed order
+    for other in results[1:]:
+        for a_list, b_list in zip(results[0], other):
+            assert all(torch.equal(a, b) for a, b in zip(a_list, b_list))
+
+
+@needs_compiler
+def test_sum_of_squares_matches_float64(native_on):
+    tensors = make_state(2)[1]
+    expected = sum(float(t.double().pow(2).sum()) for t in tensors)
+    got = _native.sum_of_squares(_native.library(), tensors)
+    assert math.isclose(got, expected, rel_tol=1e-12)
+    assert math.isinf(_native.sum_of_squares(_native.library(), [torch.tensor([1.0, math.inf])]))
+    assert math.isnan(_native.sum_of_squares(_native.library(), [torch.tensor([1.0, math.nan])]))
+
+
+@needs_compiler
+def test_native_step_bumps_version_counters_like_an_inplace_op(native_on):
+    # Autograd uses _version to refuse a backward through tensors changed since the forward.
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = bertopt.BertAdam([w], lr=0.1, fused=True)
+    loss = (w * w).sum()  # saves w for backward
+    loss.backward(retain_graph=True)
+    before = w._version
+    opt.step()
+    assert w._version > before
+    assert opt.state[w]["exp_avg"]._version > 0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def clipped_bert_adam_run(steps=3):
+    """BertAdam(fused=True) with clipping active; returns params, grads of the last step, opt."""
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(64, 32), (32,)]]
+    opt = bertopt.BertAdam(params, lr=0.01, max_grad_norm=1.0, fused=True)
+    for _ in range(steps):
+        grads = [10 * torch.randn(p.shape, generator=gen) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+    return params, grads, opt
+
+
+@needs_compiler
+def test_fused_path_uses_native_kernel_and_falls_back_to_torchs(native_on):
+    native_params, native_grads, _ = clipped_bert_adam_run()
+    # Native: .grad is what backward left there.
+    assert all(torch.equal(p.grad, g) for p, g in zip(native_params, native_grads))
+    _native.use_native(False)
+    assert _native.library() is None and "use_native(False)" in _native.status()
+    torch_params, torch_grads, opt = clipped_bert_adam_run()
+    # torch's kernel leaves the clipped gradient in .grad, the fingerprint of the fallback.
+    coef = 1.0 / opt.last_grad_norm
+    assert all(torch.allclose(p.grad, g * coef, rtol=1e-6) for p, g in zip(torch_params, torch_grads))
+    for a, b in zip(native_params, torch_params):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_without_a_compiler_the_fused_path_is_torchs(monkeypatch, tmp_path, native_on):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("BERTOPT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    _native.reset_for_tests()
+    try:
+        assert _native.library() is None
+        assert "no C compiler" in _native.status()
+        params, grads, opt = clipped_bert_adam_run()
+        coef = 1.0 / opt.last_grad_norm
+        assert all(torch.allclose(p.grad, g * coef, rtol=1e-6) for p, g in zip(params, grads))
+    finally:
+        monkeypatch.undo()
+        _native.reset_for_tests()
+
+
+def test_a_broken_compiler_is_reported_not_raised(monkeypatch, tmp_path, native_on):
+    false = shutil.which("false")
+    if false is None:
+        pytest.skip("no `false` executable")
+    monkeypatch.setenv("CC", false)
+    monkeypatch.setenv("BERTOPT_CACHE_DIR", str(tmp_path))
+    _native.reset_for_tests()
+    try:
+        assert _native.library() is None
+        assert "compiling the native kernel failed" in _native.status()
+    finally:
+        monkeypatch.undo()
+        _native.reset_for_tests()
+
+
+def test_environment_switch_turns_the_kernel_off(monkeypatch, native_on):
+    monkeypatch.setenv("BERTOPT_NATIVE", "0")
+    _native.reset_for_tests()
+    try:
+        assert _native.library() is None
+        assert "BERTOPT_NATIVE=0" in _native.status()
+    finally:
+        monkeypatch.undo()
+        _native.reset_for_tests()
+
+
+def test_only_plain_contiguous_float32_cpu_tensors_are_eligible():
+    x = torch.zeros(4, 4)
+    assert _native.eligible([x], [torch.nn.Parameter(x.clone())])
+    assert not _native.eligible([x.t()])  # not contiguous
+    assert not _native.eligible([x.half()])
+    assert not _native.eligible([x.to_sparse()])
+    assert not _native.eligible([x], [x.double()])
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_params_take_torchs_kernel(native_on, dtype):
+    params = [torch.nn.Parameter(torch.randn(8, 4).to(dtype))]
+    opt = bertopt.BertAdam(params, lr=0.01, max_grad_norm=1.0, fused=True)
+    params[0].grad = (10 * torch.randn(8, 4)).to(dtype)
+    g = params[0].grad.clone()
+    opt.step()
+    assert params[0].dtype == dtype and opt.state[params[0]]["exp_avg"].dtype == dtype
+    assert not torch.equal(params[0].grad, g)  # torch's kernel stored the clipped gradient
