@@ -209,6 +209,13 @@ def get_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer)
     return get_state_dict(model, optimizer, options=options)
 
 
+def get_model_state(model: torch.nn.Module) -> dict:
+    """Full (unsharded, CPU) model state dict keyed by parameter names; see :func:`get_training_state`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def set_training_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                        model_state: dict, optimizer_state: dict | None) -> None:
     """Load state dicts from :func:`get_training_state` into a (possibly wrapped) model/optimizer."""
@@ -268,6 +275,9 @@ def _grad_norm(model: torch.nn.Module) -> float:
 
 def _as_float(value) -> float:
     return float(value.item() if hasattr(value, "item") else value)
+
+
+_TRAIN_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "train_time_s")
 
 
 class _Window:
@@ -392,6 +402,7 @@ def run_training(
     last_eval: dict[str, float] = {}
     window_start = time.perf_counter()
     tokens_per_s = float("nan")
+    bar_rate = None  # smoothed tokens/s for the progress bar
     model.train()
     try:
         with _StopRequests() as stop:
@@ -427,7 +438,8 @@ def run_training(
                 if grad_norm is None:
                     grad_norm = _as_float(optimizer.last_grad_norm)
                 step += 1
-                train_time += time.perf_counter() - step_start
+                step_seconds = time.perf_counter() - step_start
+                train_time += step_seconds
 
                 window.loss_sum += loss_sum
                 window.count += count
@@ -465,8 +477,10 @@ def run_training(
                     metrics.append(record)
                     window = _Window()
                     window_start = time.perf_counter()
+                step_rate = tokens / max(step_seconds, 1e-9)
+                bar_rate = step_rate if bar_rate is None else 0.9 * bar_rate + 0.1 * step_rate
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{bar_rate:,.0f}", refresh=False)
 
                 if is_last or stopping or (config.save_every and step % config.save_every == 0):
                     last_checkpoint = save(step) or last_checkpoint
@@ -488,6 +502,10 @@ def run_training(
     if ctx.is_main:
         records = read_metrics(out_dir / "metrics.jsonl")
         losses = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))]
+        if not last_eval and hasattr(task, "evaluate"):  # e.g. resumed a finished run: report its last eval
+            evaluated = [r for r in records if any(k not in _TRAIN_KEYS and k.startswith(("eval", "dev")) for k in r)]
+            if evaluated:
+                last_eval = {k: v for k, v in evaluated[-1].items() if k.startswith(("eval", "dev"))}
         summary = {
             "title": config.title,
             "steps_completed": step,
