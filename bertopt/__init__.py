@@ -7,7 +7,7 @@
 
 from bertopt import schedules
 from bertopt.grouping import BERT_EXCLUDE, decay_report, param_groups
-from bertopt.optim import BertAdam, clip_coefficient, global_grad_norm
+from bertopt.optim import BertAdam, Lamb, clip_coefficient, global_grad_norm
 from bertopt.recipe import create_optimizer
 from bertopt.schedules import bert_schedule
 
@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BERT_EXCLUDE",
     "BertAdam",
+    "Lamb",
     "bert_schedule",
     "clip_coefficient",
     "create_optimizer",

@@ -2,5 +2,6 @@
 
 from bertopt.optim.bert_adam import BertAdam
 from bertopt.optim.clip import clip_coefficient, global_grad_norm
+from bertopt.optim.lamb import Lamb
 
-__all__ = ["BertAdam", "clip_coefficient", "global_grad_norm"]
+__all__ = ["BertAdam", "Lamb", "clip_coefficient", "global_grad_norm"]

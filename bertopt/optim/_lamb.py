@@ -1,0 +1,249 @@
+"""The math of LAMB, in three implementations that must agree.
+
+LAMB is Algorithm 2 of You et al. 2019, "Large Batch Optimization for Deep Learning:
+Training BERT in 76 minutes": Adam's update, plus decoupled weight decay, rescaled per
+parameter tensor by the *trust ratio* ``||p|| / ||u||``. For one tensor ``p`` with
+gradient ``g``::
+
+    g = g * clip_coef                          # global-norm clip (optional, all tensors)
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    m_hat, v_hat = m / (1 - b1^t), v / (1 - b2^t)     # or m, v without bias correction
+    u = m_hat / (sqrt(v_hat) + eps) + wd * p
+    r = ||p|| / ||u||                          # 1 if either norm is 0; clamped to trust_clip
+                                               # r = 1 for tensors that are not adapted
+    p = p - lr * r * u
+
+Norms are those of the *whole* tensor. A parameter sharded as a DTensor (FSDP2's
+``fully_shard``) holds only a piece of ``p`` and ``u`` on each process; the norm of the
+piece is not the norm of the tensor, so the sums of squares are added across the mesh
+(``clip.whole_sums_of_squares``) before the ratio is formed.
+
+``reference``  one tensor at a time, the equations line by line, in float32. DTensors go
+               through DTensor's own ops (its norm is reduced over the mesh by
+               ``full_tensor``), so it doubles as an independent check of the others.
+``foreach``    the same equations on lists of local shards (``torch._foreach_*``), in the
+               parameters' dtype; all trust-ratio norms of a bucket of tensors in one
+               reduction.
+``fused``      torch's fused Adam kernel does the moment update and writes ``-u`` into a
+               reused workspace (the kernel is run with lr = 1 on a buffer that holds
+               ``-wd * p``: ``-wd*p - m_hat/(sqrt(v_hat)+eps) = -u``); then the norms, then
+               ``p += lr * r * (-u)``. Tensors that are not adapted (weight decay 0 and not
+               ``always_adapt``) take one plain fused Adam step, since for them r = 1.
+               Memory: one workspace the size of one bucket (``BUCKET_NUMEL`` elements, or
+               the largest tensor), reused every step; no per-step allocations.
+
+The fast paths run bucket by bucket (consecutive tensors totalling at most
+``BUCKET_NUMEL`` elements of the *whole* tensors, so every process forms the same
+buckets and issues the same collectives).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from bertopt.optim._impl import _NO_BIAS_CORRECTION_STEP, AdamHyper, group_by_device_and_dtype
+from bertopt.optim.clip import DTensor, local_part, whole_sums_of_squares
+
+# Elements per bucket of the fast paths: 16M (64 MiB of float32 workspace). Large enough
+# that per-bucket overhead (one reduction for sharded tensors) is negligible.
+BUCKET_NUMEL = 1 << 24
+
+
+@dataclass(frozen=True)
+class LambHyper:
+    adam: AdamHyper  # lr, betas, eps, weight_decay, bias_correction (always decoupled)
+    adapt: bool  # apply the trust ratio to this group (weight_decay != 0 or always_adapt)
+    trust_clip: tuple[float, float] | None  # clamp r to [low, high]
+
+
+def trust_ratio(param_norm: Tensor, update_norm: Tensor, trust_clip: tuple[float, float] | None) -> Tensor:
+    """``||p|| / ||u||``, elementwise over tensors of norms; 1 where either norm is 0."""
+    both_nonzero = (param_norm > 0) & (update_norm > 0)
+    ratio = torch.where(both_nonzero, param_norm / update_norm, torch.ones_like(param_norm))
+    if trust_clip is not None:
+        ratio = ratio.clamp(trust_clip[0], trust_clip[1])
+    return ratio
+
+
+def whole_norm(t: Tensor) -> Tensor:
+    """The L2 norm of the whole tensor; for a DTensor, DTensor's norm reduced over the mesh."""
+    norm = torch.linalg.vector_norm(t)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+# ----------------------------------------------------------------------------------------
+# reference
+
+
+def lamb_reference(params, grads, exp_avgs, exp_avg_sqs, steps, h: LambHyper, clip_coef: Tensor | None):
+    """One tensor at a time, exactly the equations in the module docstring (float32 math)."""
+    a = h.adam
+    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        step += 1
+        p32, m32, v32 = p.float(), m.float(), v.float()  # no copies for float32 tensors
+        g = g.float()
+        if clip_coef is not None:
+            g = g * clip_coef
+        m32.mul_(a.beta1).add_(g, alpha=1 - a.beta1)
+        v32.mul_(a.beta2).addcmul_(g, g, value=1 - a.beta2)
+        m_hat, v_hat = m32, v32
+        if a.bias_correction:
+            t = step.item()
+            m_hat = m32 / (1 - a.beta1**t)
+            v_hat = v32 / (1 - a.beta2**t)
+        update = m_hat / (v_hat.sqrt() + a.eps)
+        if a.weight_decay != 0:
+            update = update + a.weight_decay * p32
+        ratio = trust_ratio(whole_norm(p32), whole_norm(update), h.trust_clip) if h.adapt else 1.0
+        p32.sub_(update * (a.lr * ratio))
+        for low, high in ((p, p32), (m, m32), (v, v32)):
+            if low is not high:
+                low.copy_(high)
+
+
+# ----------------------------------------------------------------------------------------
+# fast paths: lists of local shards, ``owners`` are the (possibly DTensor) parameters
+
+
+def _whole_norms(local_lists: list[list[Tensor]], owners: list[Tensor]) -> list[Tensor]:
+    """Norms of whole tensors for several lists of local shards of the same ``owners``.
+
+    One ``_foreach_norm`` per list (accumulated in float32) and, if any owner is a
+    DTensor, one reduction for all lists together.
+    """
+    norms = [torch.stack(torch._foreach_norm(tensors, 2.0, dtype=torch.float32)) for tensors in local_lists]
+    if not any(isinstance(o, DTensor) for o in owners):
+        return norms
+    squares = torch.cat([n * n for n in norms])
+    whole = whole_sums_of_squares(squares, owners * len(local_lists)).sqrt()
+    return list(whole.split(len(owners)))
+
+
+def _bias_corrections(steps: list[Tensor], h: AdamHyper) -> tuple[list[float], list[float]]:
+    ts = [s.item() for s in steps]
+    return [1 - h.beta1**t for t in ts], [1 - h.beta2**t for t in ts]
+
+
+def lamb_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, owners, h: LambHyper, clip_coef, workspace):
+    """The reference on lists of local tensors of one device and dtype, in that dtype."""
+    del workspace  # only the fused path needs one
+    a = h.adam
+    torch._foreach_add_(steps, 1)
+    if clip_coef is not None:
+        grads = torch._foreach_mul(grads, clip_coef.to(grads[0].device))
+    torch._foreach_mul_(exp_avgs, a.beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - a.beta1)
+    torch._foreach_mul_(exp_avg_sqs, a.beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - a.beta2)
+    if a.bias_correction:
+        bc1, bc2 = _bias_corrections(steps, a)
+        m_hat = torch._foreach_div(exp_avgs, bc1)
+        v_hat = torch._foreach_div(exp_avg_sqs, bc2)
+    else:
+        m_hat, v_hat = exp_avgs, exp_avg_sqs
+    denom = torch._foreach_sqrt(v_hat)
+    torch._foreach_add_(denom, a.eps)
+    if a.bias_correction:  # m_hat is already a temporary: divide it in place
+        updates = m_hat
+        torch._foreach_div_(updates, denom)
+    else:
+        updates = torch._foreach_div(exp_avgs, denom)
+    del denom
+    if a.weight_decay != 0:
+        torch._foreach_add_(updates, params, alpha=a.weight_decay)
+    if not h.adapt:
+        torch._foreach_add_(params, updates, alpha=-a.lr)
+        return
+    param_norms, update_norms = _whole_norms([params, updates], owners)
+    scales = trust_ratio(param_norms, update_norms, h.trust_clip) * -a.lr
+    torch._foreach_addcmul_(params, updates, list(scales.to(params[0].dtype).unbind(0)))
+
+
+def lamb_fused(params, grads, exp_avgs, exp_avg_sqs, steps, owners, h: LambHyper, clip_coef, workspace):
+    """torch's fused Adam kernel for the moments and ``-u``; see the module docstring.
+
+    ``workspace`` is a flat buffer of the params' dtype and device with at least as many
+    elements as this bucket. Like BertAdam's fused path, the kernel stores the clipped
+    gradient back into ``.grad``.
+    """
+    a = h.adam
+    device = params[0].device
+    torch._foreach_add_(steps, 1)
+    if a.bias_correction:
+        kernel_steps = [s.to(device) for s in steps]
+    else:
+        kernel_steps = [torch.full((), _NO_BIAS_CORRECTION_STEP, dtype=torch.float32, device=device)] * len(params)
+    grad_scale = None if clip_coef is None else (1.0 / clip_coef).to(device)
+    adam = dict(beta1=a.beta1, beta2=a.beta2, weight_decay=0.0, eps=a.eps, amsgrad=False, maximize=False,
+                grad_scale=grad_scale, found_inf=None)
+    if not h.adapt:  # r = 1 and wd = 0: a plain Adam step
+        torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], kernel_steps, lr=a.lr, **adam)
+        return
+    neg_updates, offset = [], 0
+    for p in params:
+        neg_updates.append(workspace[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+    if a.weight_decay != 0:
+        for w, p in zip(neg_updates, params):
+            torch.mul(p, -a.weight_decay, out=w)
+    else:
+        torch._foreach_zero_(neg_updates)
+    torch._fused_adam_(neg_updates, grads, exp_avgs, exp_avg_sqs, [], kernel_steps, lr=1.0, **adam)
+    param_norms, update_norms = _whole_norms([params, neg_updates], owners)
+    scales = trust_ratio(param_norms, update_norms, h.trust_clip) * a.lr
+    torch._foreach_addcmul_(params, neg_updates, list(scales.to(params[0].dtype).unbind(0)))
+
+
+IMPLEMENTATIONS = {"foreach": lamb_foreach, "fused": lamb_fused}
+
+
+def _buckets(chunk: list[list], max_numel: int):
+    """Split parallel lists into runs of consecutive tensors of at most ``max_numel``
+    elements of the whole tensors (``chunk[5]`` are the owners), or one tensor if larger."""
+    owners = chunk[5]
+    start, total = 0, 0
+    for i, owner in enumerate(owners):
+        n = owner.numel()
+        if i > start and total + n > max_numel:
+            yield [lst[start:i] for lst in chunk]
+            start, total = i, 0
+        total += n
+    if start < len(owners):
+        yield [lst[start:] for lst in chunk]
+
+
+def _workspace_for(workspaces: dict, params: list[Tensor]) -> Tensor:
+    """A reused flat buffer on the params' device/dtype with room for them all."""
+    needed = sum(p.numel() for p in params)
+    key = (params[0].device, params[0].dtype)
+    buffer = workspaces.get(key)
+    if buffer is None or buffer.numel() < needed:
+        buffer = torch.empty(max(needed, 1), dtype=params[0].dtype, device=params[0].device)
+        workspaces[key] = buffer
+    return buffer
+
+
+def lamb(params, grads, exp_avgs, exp_avg_sqs, steps, h: LambHyper, clip_coef: Tensor | None, impl: str,
+         workspaces: dict | None = None):
+    """Apply one LAMB update with the chosen implementation.
+
+    ``params`` etc. may be DTensors; the fast paths work on their local shards.
+    ``workspaces`` (fused only) maps (device, dtype) to a reused buffer; pass the same
+    dict every step.
+    """
+    if not params:
+        return
+    if impl == "reference":
+        lamb_reference(params, grads, exp_avgs, exp_avg_sqs, steps, h, clip_coef)
+        return
+    fn = IMPLEMENTATIONS[impl]
+    workspaces = {} if workspaces is None else workspaces
+    local = [[local_part(t) for t in tensors] for tensors in (params, grads, exp_avgs, exp_avg_sqs)]
+    for chunk in group_by_device_and_dtype(*local, steps, params):
+        for bucket in _buckets(chunk, BUCKET_NUMEL):
+            workspace = _workspace_for(workspaces, bucket[0]) if impl == "fused" and h.adapt else None
+            fn(*bucket, h, clip_coef, workspace)

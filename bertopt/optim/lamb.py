@@ -1,0 +1,198 @@
+"""Lamb: the large-batch BERT optimizer (You et al. 2019, Algorithm 2) as a ``torch.optim.Optimizer``.
+
+The class checks arguments, gathers tensors and state, clips by the global gradient
+norm and dispatches to an implementation in ``_lamb``; the math lives there. It shares
+BertAdam's argument checks, implementation choice, global norm and clip coefficient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from bertopt.optim import _lamb
+from bertopt.optim._impl import AdamHyper
+from bertopt.optim.bert_adam import check_hyperparameters, check_max_grad_norm, choose_implementation
+from bertopt.optim.clip import clip_coefficient, global_grad_norm, local_part
+
+
+def check_trust_options(trust_clip, always_adapt) -> None:
+    """Raise ValueError naming the argument and what it accepts."""
+    if trust_clip is not None:
+        ok = isinstance(trust_clip, (tuple, list)) and len(trust_clip) == 2
+        if ok:
+            low, high = trust_clip
+            ok = (isinstance(low, (int, float)) and isinstance(high, (int, float))
+                  and not isinstance(low, bool) and not isinstance(high, bool)
+                  and math.isfinite(low) and 0.0 <= low <= high and not math.isnan(high))
+        if not ok:
+            raise ValueError(
+                f"trust_clip must be None or a pair (low, high) with 0 <= low <= high "
+                f"(low finite, high may be inf), got {trust_clip!r}"
+            )
+    if not isinstance(always_adapt, bool):
+        raise ValueError(f"always_adapt must be True or False, got {always_adapt!r}")
+
+
+class Lamb(Optimizer):
+    """LAMB: Adam with decoupled weight decay, rescaled per tensor by the trust ratio.
+
+    For each parameter tensor: ``u = m_hat / (sqrt(v_hat) + eps) + weight_decay * p`` and
+    ``p -= lr * r * u`` with the trust ratio ``r = ||p|| / ||u||`` (1 when either norm
+    is 0). Defaults reproduce NVIDIA's apex ``FusedLAMB`` as used for BERT pretraining;
+    see ``docs/lamb.md`` for the settings that reproduce other implementations.
+
+    Args:
+        params: parameters or param groups (``torch.optim`` convention). Use
+            :func:`bertopt.param_groups` to exclude LayerNorm and bias parameters from
+            weight decay, as BERT does (which also excludes them from the trust ratio).
+        lr, betas, eps, weight_decay: as in Adam/AdamW.
+        bias_correction: divide the moments by ``1 - beta**t`` (the paper, apex, optax).
+        max_grad_norm: clip the gradients of all groups together by their global norm,
+            TensorFlow's way (``g * c / max(norm, c)``), before the moments. ``None``: off.
+        trust_clip: ``(low, high)`` to clamp the trust ratio to (``(0.0, 1.0)`` is timm's
+            ``trust_clip=True``, ``(0.01, 10.0)`` DeepSpeed's defaults); ``None``: no clamp.
+        always_adapt: apply the trust ratio to every tensor. By default (apex's rule) it
+            is applied only in groups whose ``weight_decay`` is not 0; the others take a
+            plain Adam step (r = 1). Both are per-group options too.
+        foreach, fused: choose the implementation like ``torch.optim.AdamW``; by default
+            the fused one wherever torch has a fused Adam kernel.
+
+    Sharded parameters (DTensors, e.g. from FSDP2's ``fully_shard``) are supported: the
+    trust ratio and the global gradient norm use the norms of the whole tensors, summed
+    across the mesh, not those of the local shards.
+
+    After each ``step()``, ``last_grad_norm`` holds the global gradient norm (before
+    clipping). A step whose gradients contain inf or nan is skipped entirely (no
+    parameter, moment or step count changes) and counted in ``skipped_steps``. The
+    fused path leaves the clipped gradient in ``.grad`` and keeps one reused workspace
+    of up to 16M elements (or the largest tensor) per device and dtype.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        *,
+        bias_correction: bool = True,
+        max_grad_norm: float | None = 1.0,
+        trust_clip: tuple[float, float] | None = None,
+        always_adapt: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ):
+        check_hyperparameters(lr, betas, eps, weight_decay)
+        check_max_grad_norm(max_grad_norm)
+        check_trust_options(trust_clip, always_adapt)
+        if foreach and fused:
+            raise ValueError("foreach and fused cannot both be True; pick one (fused is faster where it exists)")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+            bias_correction=bias_correction, trust_clip=None if trust_clip is None else tuple(trust_clip),
+            always_adapt=always_adapt, foreach=foreach, fused=fused,
+        )
+        super().__init__(params, defaults)
+        self.max_grad_norm = max_grad_norm
+        self.last_grad_norm: Tensor | None = None
+        self.skipped_steps = 0
+        self._workspaces: dict = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        merged = {**self.defaults, **param_group}
+        check_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
+        check_trust_options(merged["trust_clip"], merged["always_adapt"])
+        if param_group.get("trust_clip") is not None:
+            param_group["trust_clip"] = tuple(param_group["trust_clip"])
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("bias_correction", True)
+            group.setdefault("trust_clip", None)
+            group.setdefault("always_adapt", False)
+            group.setdefault("foreach", None)
+            group.setdefault("fused", None)
+        self.__dict__.setdefault("max_grad_norm", 1.0)
+        self.__dict__.setdefault("last_grad_norm", None)
+        self.__dict__.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault("_workspaces", {})
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["bertopt"] = {"max_grad_norm": self.max_grad_norm, "skipped_steps": self.skipped_steps}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        extra = state_dict.get("bertopt")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "bertopt"})
+        for group in self.param_groups:  # a checkpoint stores the pair as a list
+            if group.get("trust_clip") is not None:
+                group["trust_clip"] = tuple(group["trust_clip"])
+        if extra is not None:
+            self.max_grad_norm = extra["max_grad_norm"]
+            self.skipped_steps = extra["skipped_steps"]
+
+    def _init_group(self, group: dict[str, Any]):
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ValueError("Lamb does not support sparse gradients; use torch.optim.SparseAdam for those parameters")
+            state = self.state[p]
+            if len(state) == 0:
+                # The step lives on the CPU (no device sync to read it); the fused path
+                # hands the kernel a device copy.
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        return params, grads, exp_avgs, exp_avg_sqs, steps
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        gathered = []
+        for group in self.param_groups:
+            tensors = self._init_group(group)
+            # Our fast paths work on the local shards of DTensors, so judge those.
+            local_params = [local_part(p) for p in tensors[0]]
+            impl = choose_implementation(local_params, group["foreach"], group["fused"]) if local_params else "reference"
+            gathered.append((group, impl, tensors))
+
+        all_grads = [g for _, _, tensors in gathered for g in tensors[1]]
+        total_norm = global_grad_norm(all_grads)
+        self.last_grad_norm = total_norm
+        if not torch.isfinite(total_norm):
+            self.skipped_steps += 1  # like GradScaler: nothing changes, not even the step count
+            return loss
+        clip_coef = None if self.max_grad_norm is None else clip_coefficient(total_norm, self.max_grad_norm)
+
+        for group, impl, (params, grads, exp_avgs, exp_avg_sqs, steps) in gathered:
+            beta1, beta2 = group["betas"]
+            hyper = _lamb.LambHyper(
+                adam=AdamHyper(
+                    lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"], bias_correction=group["bias_correction"], decoupled=True,
+                ),
+                adapt=group["weight_decay"] != 0 or group["always_adapt"],
+                trust_clip=group["trust_clip"],
+            )
+            _lamb.lamb(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, clip_coef, impl, self._workspaces)
+        return loss
