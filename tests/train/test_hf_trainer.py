@@ -157,3 +157,64 @@ def test_max_grad_norm_none_is_rejected_by_this_transformers(tmp_path):
     except TypeError:
         return
     pytest.fail("transformers now accepts max_grad_norm=None: update docs/trainer.md")
+
+
+def test_trainer_checkpoint_resume_restores_bertadam_and_the_schedule(tmp_path):
+    """Trainer saves optimizer.state_dict()/scheduler.state_dict() (loaded back with weights_only=True);
+    a run resumed from checkpoint-3 ends where the uninterrupted run ends."""
+    whole, _, _ = run_trainer(tmp_path / "whole")
+    whole.train()
+
+    first, _, _ = run_trainer(tmp_path / "resumed", save_strategy="steps", save_steps=3)
+    first.train()
+    checkpoint = tmp_path / "resumed" / "checkpoint-3"
+    assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / "scheduler.pt").is_file()
+
+    resumed, optimizer, scheduler = run_trainer(tmp_path / "resumed")  # fresh model, optimizer, scheduler
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert float(optimizer.state[next(iter(resumed.model.parameters()))]["step"]) == STEPS
+    assert scheduler.last_epoch == STEPS
+    for (name, p), q in zip(resumed.model.named_parameters(), whole.model.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    resumed_lrs = [e["learning_rate"] for e in resumed.state.log_history if "learning_rate" in e]
+    assert resumed_lrs[-3:] == pytest.approx([google_lr(k) for k in (3, 4, 5)], rel=1e-12)
+
+
+class BertoptTrainer(transformers.Trainer):
+    """For setups where Trainer must build the optimizer itself (model_init, FSDP): docs/trainer.md."""
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            groups = bertopt.param_groups(model or self.model, weight_decay=self.args.weight_decay)
+            self.optimizer = bertopt.BertAdam(groups, lr=self.args.learning_rate, max_grad_norm=1.0)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        if self.lr_scheduler is None:
+            # args.warmup_steps: an int, or a fraction < 1 that transformers rounds UP (Google: down)
+            self.lr_scheduler = bertopt.bert_schedule(optimizer or self.optimizer, num_training_steps,
+                                                      self.args.get_warmup_steps(num_training_steps))
+        return self.lr_scheduler
+
+
+def test_trainer_subclass_builds_the_same_recipe_from_training_arguments(tmp_path):
+    args = trainer_args(tmp_path, learning_rate=LR, weight_decay=0.01, warmup_steps=WARMUP)
+    trainer = BertoptTrainer(model=tiny_model(), args=args, train_dataset=TinyDataset())
+    trainer.train()
+    assert isinstance(getattr(trainer.optimizer, "optimizer", trainer.optimizer), bertopt.BertAdam)
+    manual, _ = manual_bert_training()
+    for (name, p), q in zip(trainer.model.named_parameters(), manual.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_the_example_script_runs(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "hf_trainer.py"
+    spec = importlib.util.spec_from_file_location("hf_trainer_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    results = example.main(["--tiny", "--out", str(tmp_path)])
+    assert results["test_accuracy"] == 1.0  # the synthetic task is separable by one word
