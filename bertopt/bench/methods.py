@@ -1,0 +1,151 @@
+"""The competitors: one full BERT optimizer step each (global-norm clip + Adam + decay).
+
+Every method is built around the same parameters and gradients. ``build`` returns a
+zero-argument callable that performs one step. When ``moments`` is given, the method's
+optimizer state is pre-filled with those tensors, so that all methods of a timing run
+share one set of p, g, m, v: the memory of one model instead of seven, and the same
+cache state for everybody. Timing does not depend on the values (no denormals arise:
+see ``harness.make_tensors``). When ``moments`` is None the optimizer allocates its own
+state, as it would in training (used by the memory measurement).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+import bertopt
+from bertopt.bench.shapes import decays
+from bertopt.optim import _native
+
+# BERT's fine-tuning/pre-training hyperparameters.
+LR, BETAS, EPS, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-4, (0.9, 0.999), 1e-6, 0.01, 1.0
+
+Moments = tuple[list[Tensor], list[Tensor]]
+StepFn = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    build: Callable[[list[nn.Parameter], list[str], Moments | None], StepFn]
+    # Nominal bytes moved per float32 parameter by the algorithm as written (for the table).
+    nominal_bytes: int
+    slow: bool = False  # a Python loop per tensor: fewer repetitions are enough
+
+
+def _groups(params: list[nn.Parameter], names: list[str]) -> list[dict]:
+    """BERT's two groups: decay, and no decay for LayerNorm and bias (Google's names rule)."""
+    decay = [p for p, n in zip(params, names) if decays(n)]
+    no_decay = [p for p, n in zip(params, names) if not decays(n)]
+    return [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _prefill(opt: torch.optim.Optimizer, params, moments: Moments | None, keys=("exp_avg", "exp_avg_sq"), step=None):
+    if moments is None:
+        return
+    for p, m, v in zip(params, *moments):
+        opt.state[p] = {"step": step() if step else torch.zeros((), dtype=torch.float32), keys[0]: m, keys[1]: v}
+
+
+def _torch_adamw(kind: str):
+    def build(params, names, moments):
+        opt = torch.optim.AdamW(_groups(params, names), lr=LR, betas=BETAS, eps=EPS, **{kind: True})
+        _prefill(opt, params, moments)
+
+        def step():
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM, foreach=True)
+            opt.step()
+
+        return step
+
+    return build
+
+
+def _bertopt(foreach: bool | None, fused: bool | None, native: bool = True):
+    def build(params, names, moments):
+        opt = bertopt.BertAdam(_groups(params, names), lr=LR, betas=BETAS, eps=EPS,
+                               max_grad_norm=MAX_GRAD_NORM, foreach=foreach, fused=fused)
+        _prefill(opt, params, moments)
+        if native:
+            return opt.step
+
+        def step():  # the same optimizer on torch's fused kernel
+            previous = _native.use_native(False)
+            try:
+                opt.step()
+            finally:
+                _native.use_native(previous)
+
+        return step
+
+    return build
+
+
+def _ppb_bert_adam(params, names, moments):
+    from pytorch_pretrained_bert.optimization import BertAdam as PPBBertAdam
+
+    logging.getLogger("pytorch_pretrained_bert.optimization").setLevel(logging.ERROR)  # "t_total -1" notice
+    # schedule="none": a constant LR, so only the optimizer itself is timed. ppb clips
+    # each tensor by its own norm (not the global norm): that is its algorithm.
+    opt = PPBBertAdam(_groups(params, names), lr=LR, b1=BETAS[0], b2=BETAS[1], e=EPS,
+                      weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM, schedule="none")
+    _prefill(opt, params, moments, keys=("next_m", "next_v"), step=lambda: 0)
+
+    def step():
+        with warnings.catch_warnings():  # its add_(scalar, tensor) overload is deprecated
+            warnings.simplefilter("ignore", UserWarning)
+            opt.step()
+
+    return step
+
+
+def _ppb_available() -> str | None:
+    try:
+        import pytorch_pretrained_bert.optimization  # noqa: F401
+    except ImportError:
+        return "pytorch-pretrained-bert is not installed (pip install pytorch-pretrained-bert==0.6.2)"
+    return None
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in [
+        Method("torch-adamw-fused", "torch clip_grad_norm_ + AdamW(fused=True)", _torch_adamw("fused"), 40),
+        Method("torch-adamw-foreach", "torch clip_grad_norm_ + AdamW(foreach=True)", _torch_adamw("foreach"), 40),
+        Method("ppb-bertadam", "pytorch-pretrained-bert 0.6.2 BertAdam (per-tensor clip)", _ppb_bert_adam, 40, slow=True),
+        Method("bertopt-reference", "bertopt BertAdam(foreach=False): one tensor at a time",
+               _bertopt(foreach=False, fused=False), 32, slow=True),
+        Method("bertopt-foreach", "bertopt BertAdam(foreach=True)", _bertopt(foreach=True, fused=None), 32),
+        Method("bertopt-fused-torch", "bertopt BertAdam(fused=True) on torch's fused kernel (grad_scale)",
+               _bertopt(foreach=None, fused=True, native=False), 36),
+        Method("bertopt-fused", "bertopt BertAdam(fused=True): native CPU kernel (the default)",
+               _bertopt(foreach=None, fused=True), 32),
+    ]
+}
+
+BASELINE = "torch-adamw-fused"
+PPB = "ppb-bertadam"
+FAST_PATH = "bertopt-fused"
+
+
+def unavailable_reason(name: str) -> str | None:
+    if name == PPB:
+        return _ppb_available()
+    return None
+
+
+def select(names: list[str] | None) -> list[Method]:
+    """Methods by name (all by default), in the registry's order; unknown names raise."""
+    if not names:
+        return list(METHODS.values())
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise ValueError(f"methods must be among {', '.join(METHODS)}; unknown: {', '.join(unknown)}")
+    return [m for m in METHODS.values() if m.name in names]

@@ -1,0 +1,118 @@
+"""From raw timings to the numbers we report: bandwidth, floor, ratios; table, JSON, plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bertopt.bench.harness import FLOOR_BYTES_PER_PARAM, PROBE, PROBE_BYTES_PER_ELEMENT, summarize
+from bertopt.bench.methods import BASELINE, FAST_PATH, METHODS, PPB
+
+
+def analyse_size(size_name: str, raw: dict) -> dict:
+    """Per-method medians and the derived figures for one model size.
+
+    bandwidth  = 12 bytes * count / median(in-place add)
+    floor      = 32 bytes * count / bandwidth
+    GB/s       = 32 bytes * count / median(step)   (nominal: the floor's traffic)
+    """
+    count = raw["params"]
+    probe = summarize(raw["times"][PROBE])
+    bandwidth = PROBE_BYTES_PER_ELEMENT * count / probe["median_s"]
+    floor_s = FLOOR_BYTES_PER_PARAM * count / bandwidth
+    methods = {}
+    for name, times in raw["times"].items():
+        if name == PROBE:
+            continue
+        s = summarize(times)
+        s["nominal_GBps"] = FLOOR_BYTES_PER_PARAM * count / s["median_s"] / 1e9
+        s["ratio_to_floor"] = s["median_s"] / floor_s
+        s["algorithm_bytes_per_param"] = METHODS[name].nominal_bytes
+        methods[name] = s
+    for name, s in methods.items():
+        s["speedup_vs_torch_fused"] = methods[BASELINE]["median_s"] / s["median_s"] if BASELINE in methods else None
+        s["speedup_vs_ppb"] = methods[PPB]["median_s"] / s["median_s"] if PPB in methods else None
+    return {
+        "size": size_name,
+        "params": count,
+        "param_bytes": 4 * count,
+        "inplace_add": probe,
+        "bandwidth_GBps": bandwidth / 1e9,
+        "floor_s": floor_s,
+        "methods": methods,
+    }
+
+
+def table(result: dict, memory: dict | None = None) -> str:
+    """One size as a text table, fastest first."""
+    lines = [
+        f"{result['size']}: {result['params']:,} float32 parameters; in-place add bandwidth "
+        f"{result['bandwidth_GBps']:.1f} GB/s -> floor (32 B/param) {result['floor_s'] * 1e3:.2f} ms",
+    ]
+    header = f"{'method':<22}{'ms/step':>9}{'[q1..q3]':>18}{'reps':>5}{'GB/s@32B':>9}{'x floor':>8}{'vs torch':>9}{'vs ppb':>8}"
+    if memory:
+        header += f"{'extra mem':>10}"
+    lines += [header, "-" * len(header)]
+    for name, s in sorted(result["methods"].items(), key=lambda kv: kv[1]["median_s"]):
+        spread = f"[{s['q1_s'] * 1e3:.1f}..{s['q3_s'] * 1e3:.1f}]"
+        row = (f"{name:<22}{s['median_s'] * 1e3:>9.2f}{spread:>18}{s['reps']:>5}"
+               f"{s['nominal_GBps']:>9.1f}{s['ratio_to_floor']:>8.2f}"
+               f"{_x(s['speedup_vs_torch_fused']):>9}{_x(s['speedup_vs_ppb']):>8}")
+        if memory:
+            m = memory.get(name)
+            cell = "" if m is None else f"{m['percent_of_param_bytes']:.1f}%"
+            row += f"{cell:>10}"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def sweep_table(results: list[dict]) -> str:
+    """ms/step of every method at every size, plus the floor."""
+    names = [n for n in METHODS if any(n in r["methods"] for r in results)]
+    header = f"{'size':<12}{'params':>10}{'floor':>9}" + "".join(f"{n:>21}" for n in names)
+    lines = ["ms per step (x floor)", header, "-" * len(header)]
+    for r in results:
+        row = f"{r['size']:<12}{r['params'] / 1e6:>9.1f}M{r['floor_s'] * 1e3:>9.2f}"
+        for n in names:
+            s = r["methods"].get(n)
+            cell = "" if s is None else f"{s['median_s'] * 1e3:.2f} ({s['ratio_to_floor']:.2f})"
+            row += f"{cell:>21}"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def _x(value) -> str:
+    return "" if value is None else f"{value:.2f}x"
+
+
+def write_json(path: Path, report: dict) -> None:
+    path.write_text(json.dumps(report, indent=1) + "\n")
+
+
+def plot(path: Path, results: list[dict], title: str) -> None:
+    """Time per step vs parameter count, log-log, one line per method plus the floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    counts = [r["params"] for r in results]
+    for name in METHODS:
+        points = [(r["params"], r["methods"][name]["median_s"] * 1e3) for r in results if name in r["methods"]]
+        if not points:
+            continue
+        style = dict(linewidth=2.5, color="C3") if name == FAST_PATH else dict(linewidth=1.2)
+        ax.plot(*zip(*points), marker="o", markersize=4, label=name, **style)
+    ax.plot(counts, [r["floor_s"] * 1e3 for r in results], "k--", linewidth=1.2,
+            label="floor: 32 B/param at in-place-add bandwidth")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters (BERT shapes)")
+    ax.set_ylabel("ms per step (clip + Adam + decay), median")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
