@@ -22,9 +22,9 @@ piece is not the norm of the tensor, so the sums of squares are added across the
 ``reference``  one tensor at a time, the equations line by line, in float32. DTensors go
                through DTensor's own ops (its norm is reduced over the mesh by
                ``full_tensor``), so it doubles as an independent check of the others.
-``foreach``    the same equations on lists of local shards (``torch._foreach_*``), in the
-               parameters' dtype; all trust-ratio norms of a bucket of tensors in one
-               reduction.
+``foreach``    the same equations on lists of local shards (``torch._foreach_*``), with
+               list-sized temporaries (16-bit tensors go through float32 copies); all
+               trust-ratio norms of a bucket of tensors in one reduction.
 ``fused``      torch's fused Adam kernel does the moment update and writes ``-u`` into a
                reused workspace (the kernel is run with lr = 1 on a buffer that holds
                ``-wd * p``: ``-wd*p - m_hat/(sqrt(v_hat)+eps) = -u``); then the norms, then
@@ -129,8 +129,19 @@ def _bias_corrections(steps: list[Tensor], h: AdamHyper) -> tuple[list[float], l
 
 
 def lamb_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, owners, h: LambHyper, clip_coef, workspace):
-    """The reference on lists of local tensors of one device and dtype, in that dtype."""
+    """The reference on lists of local tensors of one device and dtype.
+
+    16-bit tensors are updated through float32 copies (as the fused kernel and the
+    reference do): in fp16, (1 - b2) * g * g underflows to 0 and m / (sqrt(v) + eps)
+    explodes.
+    """
     del workspace  # only the fused path needs one
+    if params[0].dtype in (torch.float16, torch.bfloat16):
+        wide = [[t.float() for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
+        lamb_foreach(*wide, steps, owners, h, clip_coef, None)
+        for narrow, wide_ts in ((params, wide[0]), (exp_avgs, wide[2]), (exp_avg_sqs, wide[3])):
+            torch._foreach_copy_(narrow, wide_ts)
+        return
     a = h.adam
     torch._foreach_add_(steps, 1)
     if clip_coef is not None:
