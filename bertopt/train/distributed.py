@@ -105,6 +105,29 @@ def init_distributed(device: str = "auto") -> DistContext:
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, backend=backend)
 
 
+def choose_threads(requested: int = 0, *, world_size: int = 1) -> int:
+    """Intra-op threads for this process: ``requested`` if > 0, else the cores this process may use
+    (split among local processes) minus the load already on the machine, at least 1.
+
+    Small models on a busy CPU run several times faster on one thread than on threads that spin
+    while waiting for cores other jobs hold, so "auto" backs off when the machine is loaded.
+    """
+    if requested < 0:
+        raise ValueError(f"--threads must be >= 0 (0: automatic); got {requested}")
+    if requested:
+        return requested
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    share = max(1, cores // max(1, world_size))
+    try:
+        free = cores - os.getloadavg()[0]
+    except OSError:
+        free = cores
+    return max(1, min(share, int(free + 0.5)))
+
+
 def teardown_distributed(ctx: DistContext) -> None:
     if ctx.enabled and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

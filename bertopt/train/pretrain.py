@@ -32,9 +32,9 @@ DEFAULTS = {
     "lr": 2e-3,
 }
 # settings a checkpoint must share with the run that resumes it
-RESUME_MUST_MATCH = ("model_config", "corpus_fingerprint", "vocab_size", "lowercase", "seq_len", "batch_size",
-                     "steps", "lr", "warmup_proportion", "optimizer", "schedule_style", "weight_decay",
-                     "max_grad_norm", "mask_prob", "seed", "fsdp")
+RESUME_MUST_MATCH = ("model_config", "corpus_fingerprint", "vocab_size", "lowercase", "seq_len", "steps",
+                     "optimizer", "lr", "batch_size", "warmup_proportion", "warmup_steps", "schedule_style",
+                     "weight_decay", "weight_decay_mode", "bias_correction", "max_grad_norm", "seed", "mask_prob")
 PLOTS = ("loss.png", "lr.png")
 
 
@@ -46,6 +46,8 @@ def _default_cache_dir() -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from bertopt.train.optim_args import add_optimizer_arguments
+
     model = parser.add_argument_group("model")
     which = model.add_mutually_exclusive_group()
     which.add_argument("--preset", default=None,
@@ -69,24 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--cache-dir", type=Path, default=None,
                       help="where tokenizers and token ids are cached (default: $BERTOPT_CACHE or ~/.cache/bertopt/pretrain)")
 
-    opt = parser.add_argument_group("optimization")
-    opt.add_argument("--optimizer", choices=("adam", "lamb"), default="adam",
-                     help="adam: BertAdam, Google's recipe (default); lamb: LAMB")
-    opt.add_argument("--lr", type=float, default=DEFAULTS["lr"], help=f"peak learning rate (default: {DEFAULTS['lr']})")
-    opt.add_argument("--steps", type=int, default=DEFAULTS["steps"],
-                     help=f"optimizer steps (default: {DEFAULTS['steps']})")
-    opt.add_argument("--warmup-proportion", type=float, default=0.1,
-                     help="fraction of --steps with linear warmup from 0 (default: 0.1)")
-    opt.add_argument("--schedule-style", choices=("google", "rebased"), default="google",
-                     help="google: decay counted from step 0 (BERT); rebased: decay from the peak (transformers)")
-    opt.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
-                     help=f"sequences per step, over all processes (default: {DEFAULTS['batch_size']})")
-    opt.add_argument("--weight-decay", type=float, default=0.01, help="decoupled weight decay (default: 0.01)")
-    opt.add_argument("--max-grad-norm", type=float, default=1.0,
-                     help="global gradient-norm clip; 0 disables (default: 1.0)")
-    opt.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and masking")
+    add_optimizer_arguments(parser, lr=DEFAULTS["lr"], batch_size=DEFAULTS["batch_size"])
 
     run = parser.add_argument_group("run")
+    run.add_argument("--steps", type=int, default=DEFAULTS["steps"], help=f"optimizer steps (default: {DEFAULTS['steps']})")
     run.add_argument("--out", type=Path, default=Path("runs/pretrain"), help="output directory (default: runs/pretrain)")
     run.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                      help="continue from the newest valid checkpoint in <out>/checkpoints, or from CHECKPOINT")
@@ -96,21 +84,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps; 0: only at the end (default: 200)")
     run.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints to keep; 0 keeps all (default: 2)")
     run.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (under torchrun)")
+    run.add_argument("--threads", type=int, default=0,
+                     help="CPU threads per process; 0: automatic (fewer when the machine is busy)")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def validate_args(args: argparse.Namespace) -> None:
     """ValueError naming the flag and the allowed range, before anything expensive happens."""
+    from bertopt.train.optim_args import validate_optimizer_args
+
     checks = [
         ("--steps", args.steps, args.steps >= 1, ">= 1"),
-        ("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
         ("--seq-len", args.seq_len, 8 <= args.seq_len <= 512, "between 8 and 512 (BERT's position embeddings)"),
         ("--vocab-size", args.vocab_size, 105 <= args.vocab_size <= 1_000_000, "between 105 and 1000000"),
-        ("--lr", args.lr, 0 < args.lr < 1, "in (0, 1)"),
-        ("--warmup-proportion", args.warmup_proportion, 0 <= args.warmup_proportion <= 1, "in [0, 1]"),
-        ("--weight-decay", args.weight_decay, 0 <= args.weight_decay < 1, "in [0, 1)"),
-        ("--max-grad-norm", args.max_grad_norm, args.max_grad_norm >= 0, ">= 0 (0 disables clipping)"),
         ("--mask-prob", args.mask_prob, 0 < args.mask_prob < 1, "in (0, 1)"),
         ("--eval-sequences", args.eval_sequences, args.eval_sequences >= 1, ">= 1"),
         ("--log-every", args.log_every, args.log_every >= 1, ">= 1"),
@@ -121,6 +108,21 @@ def validate_args(args: argparse.Namespace) -> None:
     for flag, value, ok, allowed in checks:
         if not ok:
             raise ValueError(f"{flag} must be {allowed}; got {value}")
+    validate_optimizer_args(args, args.steps)
+
+
+def default_args(**overrides) -> argparse.Namespace:
+    """The parsed default flags with ``overrides`` (Python names: ``steps=100, lr=1e-3``), for calling
+    :func:`main` in-process without building argument strings."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([])
+    unknown = set(overrides) - set(vars(args))
+    if unknown:
+        raise ValueError(f"unknown pretrain option(s): {', '.join(sorted(unknown))}")
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
 
 
 # --- the objective ----------------------------------------------------------------------------
@@ -253,15 +255,15 @@ def _prepare_out_dir(out: Path, args) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for a hub: everything here is local
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    """CLI entry: :func:`main` plus one-paragraph errors and exit codes (0 done, 1 failed,
+    2 bad input, 130/143 stopped by SIGINT/SIGTERM after saving a checkpoint)."""
     from bertopt.train.checkpoint import CheckpointError
     from bertopt.train.data import CorpusError
     from bertopt.train.loop import TrainingError
 
     try:
-        return _run(args)
-    except (UsageError, ValueError, CorpusError) as exc:
+        summary = main(args)
+    except (ValueError, CorpusError) as exc:  # UsageError is a ValueError
         if getattr(args, "debug", False):
             raise
         print(f"bertopt pretrain: error: {exc}", file=sys.stderr)
@@ -271,6 +273,8 @@ def run(args: argparse.Namespace) -> int:
             raise
         print(f"bertopt pretrain: error: {exc}", file=sys.stderr)
         return 1
+    stopped_by = summary.get("stopped_by")
+    return {None: 0, "SIGINT": 130}.get(stopped_by, 143)
 
 
 def _log(ctx):
@@ -280,22 +284,26 @@ def _log(ctx):
     return log
 
 
-def _run(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> dict:
+    """Pretrain as the flags say; returns the summary (also in <out>/summary.json; empty on ranks
+    other than 0). Raises ValueError / CorpusError for bad input, CheckpointError / TrainingError
+    when training cannot go on. For in-process use: ``main(default_args(steps=100, lr=1e-3))``."""
+    os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for a hub: everything here is local
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     validate_args(args)
-    import numpy as np
     import torch
 
-    import bertopt
     from bertopt.train import data as data_mod
-    from bertopt.train.distributed import init_distributed, teardown_distributed, wrap_model
+    from bertopt.train.distributed import choose_threads, init_distributed, teardown_distributed, wrap_model
     from bertopt.train.loop import LoopConfig, run_training
+    from bertopt.train.optim_args import build_optimizer, optimizer_settings
     from bertopt.train.presets import build_config
 
     wall_start = time.perf_counter()
-    if args.optimizer == "lamb" and not hasattr(bertopt, "Lamb"):
-        raise UsageError("--optimizer lamb: this version of bertopt has no LAMB optimizer yet; use --optimizer adam")
     ctx = init_distributed(args.device)
     log = _log(ctx)
+    threads = choose_threads(args.threads, world_size=ctx.world_size)
+    torch.set_num_threads(threads)
     try:
         if args.batch_size % ctx.world_size:
             raise UsageError(f"--batch-size {args.batch_size} must be divisible by the number of processes "
@@ -345,10 +353,7 @@ def _run(args: argparse.Namespace) -> int:
         n_params = sum(p.numel() for p in mlm.parameters())
         objective = masked_lm_objective(mlm)
         model = wrap_model(objective, ctx, fsdp=args.fsdp, shard_modules=mlm.bert.encoder.layer)
-        optimizer, scheduler = bertopt.create_optimizer(
-            model, args.lr, args.steps, optimizer=args.optimizer, warmup_proportion=args.warmup_proportion,
-            schedule_style=args.schedule_style, weight_decay=args.weight_decay,
-            max_grad_norm=args.max_grad_norm or None)
+        optimizer, scheduler = build_optimizer(model, args, args.steps)
         torch.manual_seed(args.seed + 1 + ctx.rank)  # dropout stream, distinct per process
 
         task = MaskedLMTask(train_rows, eval_rows, vocab_size=prepared.vocab_size, batch_size=args.batch_size,
@@ -359,10 +364,8 @@ def _run(args: argparse.Namespace) -> int:
             "model_config": config.to_diff_dict() | {"vocab_size": config.vocab_size},
             "corpus": corpus.name, "corpus_fingerprint": corpus.fingerprint,
             "tokenizer": str(prepared.tokenizer_file), "vocab_size": prepared.vocab_size,
-            "lowercase": not args.cased, "seq_len": args.seq_len, "batch_size": args.batch_size,
-            "steps": args.steps, "lr": args.lr, "warmup_proportion": args.warmup_proportion,
-            "optimizer": args.optimizer, "schedule_style": args.schedule_style, "weight_decay": args.weight_decay,
-            "max_grad_norm": args.max_grad_norm, "mask_prob": args.mask_prob, "seed": args.seed,
+            "lowercase": not args.cased, "seq_len": args.seq_len, "steps": args.steps,
+            **optimizer_settings(args), "mask_prob": args.mask_prob,
             "fsdp": bool(args.fsdp and ctx.enabled), "processes": ctx.world_size,
             "train_sequences": len(train_rows), "eval_sequences": len(eval_rows),
         }
@@ -371,6 +374,7 @@ def _run(args: argparse.Namespace) -> int:
             f"{len(train_rows):,} training / {len(eval_rows)} held-out sequences of {args.seq_len} tokens; "
             f"{args.steps} steps of {args.batch_size} sequences, {args.optimizer} lr {args.lr:g} "
             f"({args.schedule_style} schedule, warmup {args.warmup_proportion:g})"
+            + f"; {threads} thread{'s' if threads > 1 else ''}"
             + (f"; {ctx.world_size} processes ({'FSDP2' if args.fsdp else 'DDP'}, {ctx.backend})" if ctx.enabled else ""))
 
         start_eval = None
@@ -408,12 +412,13 @@ def _run(args: argparse.Namespace) -> int:
 
             write_summary(out / "summary.json", summary)
             _print_report(summary, out, log)
+        else:
+            summary = {}
         ctx.barrier()
         if result.stopped_by:
             log(f"stopped by {result.stopped_by} after step {result.step}; checkpoint saved: "
                 f"{result.checkpoint}. Continue with: bertopt pretrain --resume (and the same flags)")
-            return 130 if result.stopped_by == "SIGINT" else 143
-        return 0
+        return summary if ctx.is_main else {}
     finally:
         teardown_distributed(ctx)
 
