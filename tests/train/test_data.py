@@ -134,7 +134,6 @@ def test_masking_follows_bert():
     assert not np.isin(masked.cols, [0, 60, 127]).any()
     assert np.array_equal(masked.labels, ids[masked.rows, masked.cols])
     chosen = masked.input_ids[masked.rows, masked.cols]
-    n = len(chosen)
     frac_mask = np.mean(chosen == data.MASK_ID)
     frac_kept = np.mean(chosen == masked.labels)
     frac_random = 1 - frac_mask - frac_kept
