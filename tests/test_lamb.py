@@ -5,8 +5,10 @@ test_lamb_reference.py; sharded parameters: test_sharded.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -15,10 +17,30 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bertopt import BertAdam, Lamb
-from bertopt.optim import _lamb
+from bertopt.optim import _lamb, _lamb_native
 
-IMPLS = [dict(foreach=False, fused=False), dict(foreach=True), dict(fused=True)]
-IMPL_IDS = ["reference", "foreach", "fused"]
+# "fused" on float32 CPU tensors is our C kernel (_lamb_native); "fused-torch" is the
+# same fused path with the C kernel unavailable: torch's fused Adam kernel + workspace,
+# what other devices and dtypes get.
+FUSED_TORCH = dict(fused=True)
+IMPLS = [dict(foreach=False, fused=False), dict(foreach=True), dict(fused=True), FUSED_TORCH]
+IMPL_IDS = ["reference", "foreach", "fused", "fused-torch"]
+
+
+def native_off():
+    return mock.patch.object(_lamb_native, "library", lambda: None)
+
+
+def path_of(impl):
+    return native_off() if impl is FUSED_TORCH else contextlib.nullcontext()
+
+
+@pytest.fixture(autouse=True)
+def _fused_torch_path(request):
+    """Tests parametrized with FUSED_TORCH run with the C kernel unavailable."""
+    callspec = getattr(request.node, "callspec", None)
+    with path_of(callspec.params.get("impl") if callspec else None):
+        yield
 SHAPES = [(7, 5), (5,), (3, 4, 2), (1,), (4, 3)]
 
 
@@ -204,7 +226,8 @@ def test_implementations_agree(shapes, lr, beta1, beta2, eps, weight_decay, bias
                   always_adapt=always_adapt, trust_clip=trust_clip, max_grad_norm=clip)
     ref, ref_opt = run(lambda ps: Lamb(ps, **IMPLS[0], **kwargs), grads, seed=seed, shapes=shapes)
     for impl in IMPLS[1:]:
-        out, opt = run(lambda ps: Lamb(ps, **impl, **kwargs), grads, seed=seed, shapes=shapes)
+        with path_of(impl):
+            out, opt = run(lambda ps: Lamb(ps, **impl, **kwargs), grads, seed=seed, shapes=shapes)
         assert max_abs_diff(ref, out) <= 1e-5
         for p_ref, p_out in zip(ref, out):
             for key in ("exp_avg", "exp_avg_sq"):
@@ -219,12 +242,13 @@ def test_buckets_split_the_work_without_changing_the_result(impl, monkeypatch):
     monkeypatch.setattr(_lamb, "BUCKET_NUMEL", 10)  # every tensor in its own bucket, or two small ones
     split, opt = run(lambda ps: Lamb(two_groups(ps), lr=0.05, **impl), grads)
     assert max_abs_diff(whole, split) == 0.0
-    if impl.get("fused"):  # the workspace is as large as the largest bucket, not the model
+    if impl is FUSED_TORCH:  # the workspace is as large as the largest bucket, not the model
         (workspace,) = opt._workspaces.values()
         assert workspace.numel() == max(math.prod(s) for s in SHAPES)
 
 
-def test_fused_reuses_its_workspace():
+@native_off()
+def test_fused_torch_path_reuses_its_workspace():
     params = make_params()
     opt = Lamb(params, lr=0.01, fused=True)
     buffers = []
@@ -251,13 +275,23 @@ def test_low_precision_params_follow_float32(dtype, impl):
     assert max_abs_diff(fp32, low) < tol
 
 
-def test_default_implementation_is_fused_on_cpu():
+def test_default_is_the_native_kernel_on_cpu_float32_and_it_leaves_u_in_grad():
+    if _lamb_native.library() is None:
+        pytest.skip(_lamb_native.status())
     params = make_params()
-    for p in params:
-        p.grad = torch.ones_like(p)
-    opt = Lamb(params, lr=0.01)
+    start = [p.detach().clone() for p in params]
+    grads = grad_sequence(SHAPES, 1)[0]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    opt = Lamb(two_groups(params), lr=0.05, max_grad_norm=None)  # default implementation
     opt.step()
-    assert len(opt._workspaces) == 1  # only the fused path keeps a workspace
+    assert not opt._workspaces  # no temporaries
+    for i in (0, 2, 4):  # adapted: .grad now holds u, and p moved by lr * (||p|| / ||u||) * u
+        u = params[i].grad
+        r = torch.linalg.vector_norm(start[i]) / torch.linalg.vector_norm(u)
+        torch.testing.assert_close(start[i] - params[i].detach(), 0.05 * r * u, rtol=1e-5, atol=1e-7)
+    for i in (1, 3):  # not adapted (wd 0): one pass, gradient left alone
+        assert torch.equal(params[i].grad, grads[i])
 
 
 # --- state ---------------------------------------------------------------------------------

@@ -11,18 +11,23 @@ FusedLamb's kernel, TensorFlow-Addons' LAMB.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 
 from bertopt import Lamb
+from bertopt.optim import _lamb_native
 
 REFERENCE_DIR = Path(__file__).parent / "lamb_reference"
-IMPLS = {"reference": dict(foreach=False, fused=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+# fused: our C kernel on float32 CPU; fused-torch: the fused path without it (torch's kernel)
+IMPLS = {"reference": dict(foreach=False, fused=False), "foreach": dict(foreach=True), "fused": dict(fused=True),
+         "fused-torch": dict(fused=True)}
 
 # float32 over 12 steps with lr 0.02 on parameters |p| < 2.4: the recorded libraries and
 # we round differently (clip as g/n*c vs g*(c/n); bias corrections applied in another
@@ -49,12 +54,14 @@ def run_ours(fixture: dict, impl: str, group_weight_decay: float, **kwargs) -> l
     ]
     opt = Lamb(groups, lr=fixture["lr"], **IMPLS[impl], **kwargs)
     trajectory = []
-    for grads in fixture["grads"]:
-        for n in names:
-            params[n].grad = torch.tensor(grads[n], dtype=torch.float32)
-        opt.step()
-        trajectory.append({n: params[n].detach().numpy().copy() for n in names})
+    with mock.patch.object(_lamb_native, "library", lambda: None) if impl == "fused-torch" else contextlib.nullcontext():
+        for grads in fixture["grads"]:
+            for n in names:
+                params[n].grad = torch.tensor(grads[n], dtype=torch.float32)
+            opt.step()
+            trajectory.append({n: params[n].detach().numpy().copy() for n in names})
     return trajectory
+
 
 
 def max_deviation(ours: list[dict], theirs: list[dict]) -> float:

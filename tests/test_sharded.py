@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import bertopt
-from bertopt.optim import _lamb, clip
+from bertopt.optim import _lamb, _lamb_native, clip
 
 pytestmark = [
     pytest.mark.multiprocess,
@@ -103,7 +103,8 @@ CASES = {
     # name: (optimizer class, kwargs)
     "lamb-reference": ("Lamb", dict(lr=0.05, foreach=False, fused=False)),
     "lamb-foreach": ("Lamb", dict(lr=0.05, foreach=True)),
-    "lamb-fused": ("Lamb", dict(lr=0.05, fused=True)),
+    "lamb-fused": ("Lamb", dict(lr=0.05, fused=True)),  # float32 CPU: the C kernel on local shards
+    "lamb-fused-torch": ("Lamb", dict(lr=0.05, fused=True)),  # torch's fused kernel (C kernel off)
     "lamb-fused-always-adapt-clamped": ("Lamb", dict(lr=0.05, fused=True, always_adapt=True, trust_clip=(0.1, 3.0))),
     "lamb-foreach-no-bias-correction": ("Lamb", dict(lr=0.05, foreach=True, bias_correction=False, always_adapt=True)),
     "bertadam-reference": ("BertAdam", dict(lr=0.01, max_grad_norm=1.0, foreach=False)),
@@ -140,6 +141,8 @@ def train(case: str, sharded: bool, naive: bool = False, replay: list | None = N
     params = dict(model.named_parameters())
     optimizer = getattr(bertopt, cls_name)(bertopt.param_groups(model, weight_decay=0.01), **kwargs)
     patches = shard_local_norms(cls_name) if naive else []
+    if case.endswith("-torch"):
+        patches.append(mock.patch.object(_lamb_native, "library", lambda: None))
     for p in patches:
         p.start()
     norms, grads = [], []
@@ -183,7 +186,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results = {}
         for case in CASES:
             results[case] = compare(case, naive=False)
-        for case in ("lamb-reference", "lamb-fused", "bertadam-foreach"):
+        for case in ("lamb-reference", "lamb-fused", "lamb-fused-torch", "bertadam-foreach"):
             results[case + "-naive"] = compare(case, naive=True)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
@@ -221,7 +224,7 @@ def test_sharded_steps_equal_unsharded_steps(results, case):
     assert r["norm_rel_diff"] <= NORM_RTOL, r
 
 
-@pytest.mark.parametrize("case", ["lamb-reference", "lamb-fused", "bertadam-foreach"])
+@pytest.mark.parametrize("case", ["lamb-reference", "lamb-fused", "lamb-fused-torch", "bertadam-foreach"])
 def test_shard_local_norms_would_be_caught(results, case):
     naive = results[case + "-naive"]
     assert naive["param_diff"] > NAIVE_MIN_DIFF, naive

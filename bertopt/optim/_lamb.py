@@ -25,13 +25,16 @@ piece is not the norm of the tensor, so the sums of squares are added across the
 ``foreach``    the same equations on lists of local shards (``torch._foreach_*``), with
                list-sized temporaries (16-bit tensors go through float32 copies); all
                trust-ratio norms of a bucket of tensors in one reduction.
-``fused``      torch's fused Adam kernel does the moment update and writes ``-u`` into a
-               reused workspace (the kernel is run with lr = 1 on a buffer that holds
-               ``-wd * p``: ``-wd*p - m_hat/(sqrt(v_hat)+eps) = -u``); then the norms, then
-               ``p += lr * r * (-u)``. Tensors that are not adapted (weight decay 0 and not
-               ``always_adapt``) take one plain fused Adam step, since for them r = 1.
-               Memory: one workspace the size of one bucket (``BUCKET_NUMEL`` elements, or
-               the largest tensor), reused every step; no per-step allocations.
+``fused``      float32 CPU tensors: our C kernel (``_lamb_native``), two passes over
+               memory (moments, u written over g and the norms; then p -= lr*r*u), no
+               temporaries. Elsewhere: torch's fused Adam kernel does the moment update
+               and writes ``-u`` into a reused workspace (run with lr = 1 on a buffer that
+               holds ``-wd * p``: ``-wd*p - m_hat/(sqrt(v_hat)+eps) = -u``); then the
+               norms, then ``p += lr * r * (-u)``; memory: one workspace the size of one
+               bucket (``BUCKET_NUMEL`` elements, or the largest tensor), reused every
+               step. Either way, tensors that are not adapted (weight decay 0 and not
+               ``always_adapt``) take one plain Adam pass, since for them r = 1, and
+               ``.grad`` is left modified (u, or the clipped gradient).
 
 The fast paths run bucket by bucket (consecutive tensors totalling at most
 ``BUCKET_NUMEL`` elements of the *whole* tensors, so every process forms the same
@@ -45,6 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from bertopt.optim import _lamb_native, _native
 from bertopt.optim._impl import _NO_BIAS_CORRECTION_STEP, AdamHyper, group_by_device_and_dtype
 from bertopt.optim.clip import DTensor, local_part, whole_sums_of_squares
 
@@ -128,17 +132,16 @@ def _bias_corrections(steps: list[Tensor], h: AdamHyper) -> tuple[list[float], l
     return [1 - h.beta1**t for t in ts], [1 - h.beta2**t for t in ts]
 
 
-def lamb_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, owners, h: LambHyper, clip_coef, workspace):
+def lamb_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, owners, h: LambHyper, clip_coef, workspaces):
     """The reference on lists of local tensors of one device and dtype.
 
     16-bit tensors are updated through float32 copies (as the fused kernel and the
     reference do): in fp16, (1 - b2) * g * g underflows to 0 and m / (sqrt(v) + eps)
     explodes.
     """
-    del workspace  # only the fused path needs one
     if params[0].dtype in (torch.float16, torch.bfloat16):
         wide = [[t.float() for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
-        lamb_foreach(*wide, steps, owners, h, clip_coef, None)
+        lamb_foreach(*wide, steps, owners, h, clip_coef, workspaces)
         for narrow, wide_ts in ((params, wide[0]), (exp_avgs, wide[2]), (exp_avg_sqs, wide[3])):
             torch._foreach_copy_(narrow, wide_ts)
         return
@@ -174,14 +177,18 @@ def lamb_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, owners, h: LambHyp
     torch._foreach_addcmul_(params, updates, list(scales.to(params[0].dtype).unbind(0)))
 
 
-def lamb_fused(params, grads, exp_avgs, exp_avg_sqs, steps, owners, h: LambHyper, clip_coef, workspace):
-    """torch's fused Adam kernel for the moments and ``-u``; see the module docstring.
+def lamb_fused(params, grads, exp_avgs, exp_avg_sqs, steps, owners, h: LambHyper, clip_coef, workspaces):
+    """The fastest path for these tensors; see the module docstring.
 
-    ``workspace`` is a flat buffer of the params' dtype and device with at least as many
-    elements as this bucket. Like BertAdam's fused path, the kernel stores the clipped
-    gradient back into ``.grad``.
+    float32 CPU: our C kernel (``_lamb_native``), which leaves u in ``.grad`` of adapted
+    tensors. Otherwise torch's fused Adam kernel for the moments and ``-u`` (into the
+    reused workspace from ``workspaces``), which leaves the clipped gradient in ``.grad``.
     """
     a = h.adam
+    lib = _lamb_native.library() if _native.eligible(params + grads + exp_avgs + exp_avg_sqs) else None
+    if lib is not None:
+        _lamb_native_step(lib, params, grads, exp_avgs, exp_avg_sqs, steps, owners, h, clip_coef)
+        return
     device = params[0].device
     torch._foreach_add_(steps, 1)
     if a.bias_correction:
@@ -194,10 +201,7 @@ def lamb_fused(params, grads, exp_avgs, exp_avg_sqs, steps, owners, h: LambHyper
     if not h.adapt:  # r = 1 and wd = 0: a plain Adam step
         torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], kernel_steps, lr=a.lr, **adam)
         return
-    neg_updates, offset = [], 0
-    for p in params:
-        neg_updates.append(workspace[offset:offset + p.numel()].view_as(p))
-        offset += p.numel()
+    neg_updates = _views(_workspace_for(workspaces, params), params)
     if a.weight_decay != 0:
         for w, p in zip(neg_updates, params):
             torch.mul(p, -a.weight_decay, out=w)
@@ -207,6 +211,36 @@ def lamb_fused(params, grads, exp_avgs, exp_avg_sqs, steps, owners, h: LambHyper
     param_norms, update_norms = _whole_norms([params, neg_updates], owners)
     scales = trust_ratio(param_norms, update_norms, h.trust_clip) * a.lr
     torch._foreach_addcmul_(params, neg_updates, list(scales.to(params[0].dtype).unbind(0)))
+
+
+def _lamb_native_step(lib, params, grads, exp_avgs, exp_avg_sqs, steps, owners, h: LambHyper, clip_coef):
+    """float32 CPU: the C kernel's two passes (``_lamb_native``), u stored over the
+    gradient; one pass where r = 1."""
+    a = h.adam
+    torch._foreach_add_(steps, 1)
+    bias_corrections = _bias_corrections(steps, a) if a.bias_correction else None
+    clip = None if clip_coef is None else clip_coef.item()
+    if not h.adapt:
+        _lamb_native.moments(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, a, clip,
+                             apply_scales=[a.lr] * len(params))
+        return
+    p_sq, u_sq = _lamb_native.moments(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, a, clip,
+                                      apply_scales=None)  # u is now in grads
+    squares = torch.cat([p_sq, u_sq])
+    if any(isinstance(o, DTensor) for o in owners):
+        squares = whole_sums_of_squares(squares, owners * 2)
+    norms = squares.sqrt().float()
+    n = len(params)
+    _lamb_native.apply(lib, params, grads, trust_ratio(norms[:n], norms[n:], h.trust_clip) * a.lr)
+
+
+def _views(workspace: Tensor, params: list[Tensor]) -> list[Tensor]:
+    """Consecutive pieces of the flat workspace shaped like ``params``."""
+    views, offset = [], 0
+    for p in params:
+        views.append(workspace[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return views
 
 
 IMPLEMENTATIONS = {"foreach": lamb_foreach, "fused": lamb_fused}
@@ -243,8 +277,8 @@ def lamb(params, grads, exp_avgs, exp_avg_sqs, steps, h: LambHyper, clip_coef: T
     """Apply one LAMB update with the chosen implementation.
 
     ``params`` etc. may be DTensors; the fast paths work on their local shards.
-    ``workspaces`` (fused only) maps (device, dtype) to a reused buffer; pass the same
-    dict every step.
+    ``workspaces`` (fused on non-CPU/non-float32 tensors) maps (device, dtype) to a reused
+    buffer; pass the same dict every step.
     """
     if not params:
         return
@@ -256,5 +290,4 @@ def lamb(params, grads, exp_avgs, exp_avg_sqs, steps, h: LambHyper, clip_coef: T
     local = [[local_part(t) for t in tensors] for tensors in (params, grads, exp_avgs, exp_avg_sqs)]
     for chunk in group_by_device_and_dtype(*local, steps, params):
         for bucket in _buckets(chunk, BUCKET_NUMEL):
-            workspace = _workspace_for(workspaces, bucket[0]) if impl == "fused" and h.adapt else None
-            fn(*bucket, h, clip_coef, workspace)
+            fn(*bucket, h, clip_coef, workspaces)

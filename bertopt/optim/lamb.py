@@ -69,8 +69,10 @@ class Lamb(Optimizer):
     After each ``step()``, ``last_grad_norm`` holds the global gradient norm (before
     clipping). A step whose gradients contain inf or nan is skipped entirely (no
     parameter, moment or step count changes) and counted in ``skipped_steps``. The
-    fused path leaves the clipped gradient in ``.grad`` and keeps one reused workspace
-    of up to 16M elements (or the largest tensor) per device and dtype.
+    fused path overwrites ``.grad``: on float32 CPU tensors it leaves the update u there
+    (as apex's FusedLAMB does) and allocates nothing; elsewhere it leaves the clipped
+    gradient and keeps one reused workspace of up to 16M elements (or the largest
+    tensor) per device and dtype. The reference and foreach paths leave ``.grad`` alone.
     """
 
     def __init__(
