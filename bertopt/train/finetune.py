@@ -147,7 +147,7 @@ class ClassificationTask:
     """Batches of the fixed training split, cross-entropy, dev evaluation (see loop.TrainingTask)."""
 
     def __init__(self, train, dev, test, *, batch_size: int, eval_batch_size: int, pad_id: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, device=None):
         from bertopt.train import finetune_data as fd
 
         if batch_size % world_size:
@@ -160,6 +160,7 @@ class ClassificationTask:
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.pad_id, self.seed = pad_id, seed
         self.rank, self.world_size = rank, world_size
+        self.device = device
         self.train_lengths = train.lengths
         self.steps_per_epoch = len(train) // batch_size  # the last incomplete batch is dropped
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
@@ -178,7 +179,11 @@ class ClassificationTask:
         epoch, index = divmod(step, self.steps_per_epoch)
         rows = self._batches(epoch)[index]
         share = self.batch_size // self.world_size
-        return self.fd.collate(self.train, rows[self.rank * share:(self.rank + 1) * share], self.pad_id)
+        return self._collate(self.train, rows[self.rank * share:(self.rank + 1) * share])
+
+    def _collate(self, split, rows) -> dict:
+        batch = self.fd.collate(split, rows, self.pad_id)
+        return batch if self.device is None else {k: v.to(self.device) for k, v in batch.items()}
 
     def forward(self, model, batch):
         import torch.nn.functional as F
@@ -198,7 +203,7 @@ class ClassificationTask:
         model = getattr(model, "module", model)  # evaluate the unwrapped model: no DDP collectives
         loss_sum, correct = 0.0, 0
         for rows in self.fd.eval_batches(split.lengths, self.eval_batch_size):
-            batch = self.fd.collate(split, rows, self.pad_id)
+            batch = self._collate(split, rows)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss_sum += float(F.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
             correct += int((logits.argmax(-1) == batch["labels"]).sum())
@@ -230,22 +235,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-seq-length", type=int, default=64,
                    help="tokens per text incl. [CLS]/[SEP]; longer texts are truncated (default: 64)")
 
-    t = parser.add_argument_group("optimization")
-    t.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
-    t.add_argument("--batch-size", type=int, default=32, help="global batch size (default: 32)")
+    from bertopt.train.optim_args import add_optimizer_arguments
+
+    # --optimizer --lr --batch-size --warmup-proportion/--warmup-steps --schedule-style --weight-decay
+    # --weight-decay-mode --bias-correction --max-grad-norm --seed: the same flags as `bertopt pretrain`
+    add_optimizer_arguments(parser, lr=1e-4, batch_size=32)
+    t = parser.add_argument_group("length of training")
     t.add_argument("--epochs", type=float, default=1.0,
                    help="passes over the training split (default: 1; fractions allowed)")
     t.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    t.add_argument("--warmup-proportion", type=float, default=0.1,
-                   help="fraction of the steps spent warming up from LR 0 (default: 0.1)")
-    t.add_argument("--schedule-style", choices=("google", "rebased"), default="google",
-                   help="google: decay counted from step 0 (BERT's); rebased: decay from the peak "
-                        "(transformers') (default: google)")
-    t.add_argument("--optimizer", default="adam", help="adam (BertAdam) or lamb when available (default: adam)")
-    t.add_argument("--weight-decay", type=float, default=0.01, help="decoupled weight decay (default: 0.01)")
-    t.add_argument("--max-grad-norm", type=float, default=1.0,
-                   help="global gradient-norm clip, TF formula; 0 disables (default: 1.0)")
-    t.add_argument("--seed", type=int, default=0, help="seed for the classifier init, dropout and batch order")
 
     r = parser.add_argument_group("run")
     r.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
@@ -258,24 +256,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (0: all)")
     r.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                    help="continue from the newest checkpoint in <out>/checkpoints (or the one given)")
+    r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when available, else CPU (default: auto)")
     r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
     """ValueError naming the option and its allowed range for anything out of range."""
+    from bertopt.train.optim_args import validate_optimizer_args
+
+    validate_optimizer_args(args)
+
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise ValueError(message)
 
-    need(math.isfinite(args.lr) and args.lr > 0, f"--lr must be a positive number, got {args.lr}")
-    need(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
     need(args.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
     need(math.isfinite(args.epochs) and args.epochs > 0, f"--epochs must be > 0, got {args.epochs}")
     need(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
-    need(0.0 <= args.warmup_proportion < 1.0, f"--warmup-proportion must be in [0, 1), got {args.warmup_proportion}")
-    need(args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}")
-    need(args.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (0 disables clipping), got {args.max_grad_norm}")
     need(args.max_seq_length >= 3, f"--max-seq-length must be >= 3, got {args.max_seq_length}")
     need(args.log_every >= 1, f"--log-every must be >= 1, got {args.log_every}")
     need(args.eval_every is None or args.eval_every >= 0, f"--eval-every must be >= 0, got {args.eval_every}")
@@ -289,10 +288,10 @@ def run(args: argparse.Namespace) -> int:
     _quiet_transformers()
     import torch
 
-    import bertopt
     from bertopt.train import finetune_data as fd
     from bertopt.train.distributed import init_distributed, teardown_distributed, wrap_model
     from bertopt.train.loop import LoopConfig, run_training
+    from bertopt.train.optim_args import build_optimizer, optimizer_settings
     from bertopt.train.report import write_summary
 
     if args.threads:
@@ -300,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
     source = resolve_model(args.model)
     splits = fd.load_splits(args.data, text_column=args.text_column, label_column=args.label_column,
                             dev_data=args.dev_data, test_data=args.test_data)
-    ctx = init_distributed()
+    ctx = init_distributed(args.device)
     try:
         torch.manual_seed(args.seed)  # the classifier head's initialisation
         model, tokenizer, new_weights = load_model(source, splits.label_names)
@@ -310,16 +309,14 @@ def run(args: argparse.Namespace) -> int:
                    for name in fd.SPLITS}
         task = ClassificationTask(encoded["train"], encoded["dev"], encoded["test"], batch_size=args.batch_size,
                                   eval_batch_size=args.eval_batch_size, pad_id=tokenizer.pad_token_id,
-                                  seed=args.seed, rank=ctx.rank, world_size=ctx.world_size)
+                                  seed=args.seed, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
         total_steps = args.steps or max(1, round(args.epochs * task.steps_per_epoch))
-        warmup_steps = int(total_steps * args.warmup_proportion)
-        eval_every = args.eval_every if args.eval_every is not None else max(1, total_steps // 4)
+        warmup_steps = args.warmup_steps if args.warmup_steps is not None else int(total_steps * args.warmup_proportion)
+        # default: 4 dev evaluations per run, the last one at the final step
+        eval_every = args.eval_every if args.eval_every is not None else math.ceil(total_steps / 4)
 
         model = wrap_model(model, ctx)
-        optimizer, scheduler = bertopt.create_optimizer(
-            model, args.lr, total_steps, warmup_steps, optimizer=args.optimizer,
-            schedule_style=args.schedule_style, weight_decay=args.weight_decay,
-            max_grad_norm=args.max_grad_norm or None)
+        optimizer, scheduler = build_optimizer(model, args, total_steps)  # bertopt.create_optimizer
 
         truncated = sum(1 for n in encoded["train"].lengths if n >= args.max_seq_length)
         run_info = {
@@ -332,16 +329,10 @@ def run(args: argparse.Namespace) -> int:
             "label_names": splits.label_names,
             "max_seq_length": args.max_seq_length,
             "train_rows_truncated": truncated,
-            "batch_size": args.batch_size,
+            **optimizer_settings(args),
             "steps_per_epoch": task.steps_per_epoch,
             "total_steps": total_steps,
             "warmup_steps": warmup_steps,
-            "lr": args.lr,
-            "optimizer": args.optimizer,
-            "schedule_style": args.schedule_style,
-            "weight_decay": args.weight_decay,
-            "max_grad_norm": args.max_grad_norm,
-            "seed": args.seed,
             "newly_initialised": new_weights,
         }
         if ctx.is_main:
@@ -360,8 +351,8 @@ def run(args: argparse.Namespace) -> int:
             out_dir=args.out, total_steps=total_steps, log_every=args.log_every, eval_every=eval_every,
             save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
             progress=not args.no_progress, title="finetune", run_info=run_info,
-            resume_must_match=("model_path", "data", "split_sizes", "label_names", "max_seq_length", "batch_size",
-                               "total_steps", "warmup_steps", "lr", "optimizer", "schedule_style", "seed"),
+            resume_must_match=("model_path", "data", "split_sizes", "label_names", "max_seq_length",
+                               "total_steps", *optimizer_settings(args)),
             plot_eval_loss="dev_loss", plot_eval_metric="dev_accuracy",
         )
         result = run_training(model, optimizer, scheduler, task, config, ctx=ctx, finish=task.evaluate_test)

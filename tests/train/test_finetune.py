@@ -72,9 +72,18 @@ def sentiment_csv(tmp_path):
 
 
 def finetune_argv(model_dir, data, out, *extra):
+    # one thread: a tiny model gains nothing from two, and loses a lot when the CPU is shared
     return ["finetune", "--model", str(model_dir), "--data", str(data), "--text-column", "review",
             "--label-column", "sentiment", "--out", str(out), "--no-progress", "--max-seq-length", "16",
-            "--batch-size", "16", "--lr", "2e-3", "--log-every", "1", *extra]
+            "--batch-size", "16", "--lr", "2e-3", "--log-every", "1", "--threads", "1", *extra]
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """`--threads` sets a process-wide torch setting; give the other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def read_jsonl(path):
@@ -246,3 +255,26 @@ def test_resume_refuses_a_different_setting(tiny_model_dir, sentiment_csv, tmp_p
     assert cli_main(finetune_argv(tiny_model_dir, sentiment_csv, out, "--steps", "2")) == 0
     with pytest.raises(CheckpointError, match="lr"):
         cli_main(finetune_argv(tiny_model_dir, sentiment_csv, out, "--steps", "2", "--resume", "--lr", "1e-3"))
+
+
+@pytest.mark.slow
+def test_bertopt_pretrain_output_fine_tunes(tmp_path, sentiment_csv):
+    """The real hand-off: a nano `bertopt pretrain` run, then `finetune --model` on its output
+    directory (model/ saved by pretrain) and on its checkpoints/ (BertForMaskedLM state)."""
+    from _corpus import write_corpus
+
+    # the pretraining corpus uses the sentiment words too, so the tokenizer knows them
+    corpus = write_corpus(tmp_path / "corpus", documents=60)
+    (corpus / "reviews.txt").write_text("\n\n".join(" ".join(WORDS[i:] + WORDS[:i]) for i in range(len(WORDS))))
+    pre = tmp_path / "pre"
+    assert cli_main(["pretrain", "--preset", "nano", "--corpus", str(corpus), "--cache-dir", str(tmp_path / "cache"),
+                     "--vocab-size", "300", "--seq-len", "32", "--batch-size", "8", "--steps", "4",
+                     "--threads", "1", "--no-progress", "--out", str(pre)]) == 0
+    for model_arg, kind in ((pre, "hf_dir"), (pre / "checkpoints", "checkpoint")):
+        assert finetune.resolve_model(model_arg).kind == kind
+        out = tmp_path / f"ft-{kind}"
+        assert cli_main(finetune_argv(model_arg, sentiment_csv, out, "--steps", "3")) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["steps_completed"] == 3 and 0.0 <= summary["test_accuracy"] <= 1.0
+        assert "classifier.weight" in summary["run"]["newly_initialised"]
+        assert not any(name.startswith("bert.encoder.") for name in summary["run"]["newly_initialised"])
