@@ -283,6 +283,30 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """CLI entry: :func:`main` plus one-paragraph errors and the exit codes of `bertopt pretrain`
+    (0 done, 1 failed, 2 bad input, 130/143 stopped by SIGINT/SIGTERM after saving a checkpoint)."""
+    import sys
+
+    from bertopt.train.checkpoint import CheckpointError
+    from bertopt.train.loop import TrainingError
+
+    try:
+        summary = main(args)
+    except (ValueError, FileNotFoundError) as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"bertopt finetune: error: {exc}", file=sys.stderr)
+        return 2
+    except (CheckpointError, TrainingError, OSError) as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"bertopt finetune: error: {exc}", file=sys.stderr)
+        return 1
+    return {None: 0, "SIGINT": 130}.get(summary.get("stopped_by"), 143)
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Fine-tune as the parsed flags say; returns the summary (also in ``<out>/summary.json``)."""
     check_arguments(args)
     wall_start = time.perf_counter()
     _quiet_transformers()
@@ -356,12 +380,12 @@ def run(args: argparse.Namespace) -> int:
             plot_eval_loss="dev_loss", plot_eval_metric="dev_accuracy",
         )
         result = run_training(model, optimizer, scheduler, task, config, ctx=ctx, finish=task.evaluate_test)
+        summary = dict(result.summary, stopped_by=result.stopped_by)
 
         if ctx.is_main and result.stopped_by is None:
             model_dir = Path(args.out) / "model"
             getattr(model, "module", model).save_pretrained(model_dir)
             tokenizer.save_pretrained(model_dir)
-            summary = dict(result.summary)
             summary["model_dir"] = str(model_dir)
             summary["wall_time_s"] = round(time.perf_counter() - wall_start, 2)
             write_summary(Path(args.out) / "summary.json", summary)
@@ -373,4 +397,4 @@ def run(args: argparse.Namespace) -> int:
             print(f"stopped by {result.stopped_by} at step {result.step}; continue with --resume")
     finally:
         teardown_distributed(ctx)
-    return 0
+    return summary
