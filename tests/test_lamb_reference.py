@@ -6,7 +6,7 @@ recorded them):
   * timm's Lamb, its own source file run under torch.
 Checked against float64 transcriptions of code we could read but not run here (no
 CUDA, or no package for this torch): apex FusedLAMB's two CUDA stages, DeepSpeed
-FusedLamb's kernel, TensorFlow-Addons' LAMB.
+FusedLamb's kernel, TensorFlow-Addons' LAMB and ALBERT's (the paper's authors' TF code).
 """
 
 from __future__ import annotations
@@ -194,20 +194,29 @@ def deepspeed_fused_lamb(fixture, lr, wd, max_grad_norm, min_coeff=0.01, max_coe
     return out
 
 
-def tfa_lamb(fixture, lr, wd, b1=0.9, b2=0.999, eps=1e-6, exclude=("LayerNorm", "layer_norm", "bias")):
+def tfa_lamb(fixture, lr, wd, b1=0.9, b2=0.999, eps=1e-6, exclude=("LayerNorm", "layer_norm", "bias"),
+             bias_correction=True, clip_norm=None):
     """tensorflow_addons/optimizers/lamb.py: bias-corrected Adam, decay except for
     exclude_from_weight_decay, layer adaptation except exclude_from_layer_adaptation
-    (which defaults to the same list); no clipping inside the optimizer."""
+    (which defaults to the same list); no clipping inside the optimizer.
+    bias_correction=False, clip_norm=1.0: google-research/albert lamb_optimizer.py as
+    its optimization.py drives it (tf.clip_by_global_norm(grads, 1.0) first)."""
     names, ps, grads = _problem(fixture)
     ms = {n: np.zeros_like(p) for n, p in ps.items()}
     vs = {n: np.zeros_like(p) for n, p in ps.items()}
     out = []
     for step, g in enumerate(grads, start=1):
+        if clip_norm is not None:
+            global_norm = math.sqrt(sum(float((x * x).sum()) for x in g.values()))
+            g = {n: x * clip_norm / max(global_norm, clip_norm) for n, x in g.items()}
         for n in names:
             excluded = any(word in n for word in exclude)
             ms[n] = ms[n] * b1 + g[n] * (1 - b1)
             vs[n] = vs[n] * b2 + (g[n] * g[n]) * (1 - b2)
-            update = (ms[n] / (1 - b1**step)) / (np.sqrt(vs[n] / (1 - b2**step)) + eps)
+            if bias_correction:
+                update = (ms[n] / (1 - b1**step)) / (np.sqrt(vs[n] / (1 - b2**step)) + eps)
+            else:
+                update = ms[n] / (np.sqrt(vs[n]) + eps)
             if not excluded:
                 update = update + wd * ps[n]
             ratio = 1.0
@@ -263,6 +272,14 @@ def test_tf_addons_lamb_with_bert_exclusions(impl):
     assert max_deviation(ours, expected) <= TRANSCRIPTION_ATOL
 
 
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_albert_lamb(impl):
+    fixture = load("optax_lamb_trajectory.json")
+    expected = tfa_lamb(fixture, lr=fixture["lr"], wd=0.01, bias_correction=False, clip_norm=1.0)
+    ours = run_ours(fixture, impl, 0.01, bias_correction=False, max_grad_norm=1.0)
+    assert max_deviation(ours, expected) <= TRANSCRIPTION_ATOL
+
+
 def test_transcriptions_disagree_where_the_table_says_they_do():
     # The rows of the table differ for real on this problem, so the tests above can fail.
     fixture = load("optax_lamb_trajectory.json")
@@ -270,5 +287,7 @@ def test_transcriptions_disagree_where_the_table_says_they_do():
     apex = apex_fused_lamb(fixture, lr, 0.01)
     nvlamb = apex_fused_lamb(fixture, lr, 0.01, use_nvlamb=True)
     tfa = tfa_lamb(fixture, lr, 0.01)  # no clip
+    albert = tfa_lamb(fixture, lr, 0.01, bias_correction=False, clip_norm=1.0)
     assert max_deviation(apex, nvlamb) > 1e-3
     assert max_deviation(apex, tfa) > 1e-3
+    assert max_deviation(apex, albert) > 1e-3
