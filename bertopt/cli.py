@@ -16,6 +16,7 @@ COMMANDS = {
     "finetune": "bertopt.train.finetune",
     "schedule": "bertopt.train.schedule_plot",
     "bench": "bertopt.bench.command",
+    "study": "bertopt.study.command",
 }
 
 # Packages of the `train` extra: without them the training commands are not offered.

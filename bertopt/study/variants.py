@@ -1,0 +1,59 @@
+"""The optimizer variants the study compares, each a change to the BERT recipe.
+
+Every variant is the BERT recipe (BertAdam: no bias correction, decoupled decay 0.01 with
+the LayerNorm/bias exclusions, global clip 1.0, 10% linear warmup, Google's linear decay)
+with one thing changed, so a difference in the results is the effect of that one thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    label: str
+    claim: str  # which claim it tests
+    optimizer: str = "adam"
+    bias_correction: bool = False
+    weight_decay_mode: str = "decoupled"
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0  # 0 = off
+    warmup_proportion: float = 0.1
+    batch_multiplier: int = 1  # global batch = base batch * this; steps = base steps / this
+    lr_multiplier: float = 1.0
+
+    def flags(self, base_lr: float, base_batch: int, base_steps: int) -> list[str]:
+        """The pretrain/finetune command-line flags that realise this variant."""
+        flags = [
+            "--optimizer", self.optimizer,
+            "--lr", repr(base_lr * self.lr_multiplier),
+            "--batch-size", str(base_batch * self.batch_multiplier),
+            "--steps", str(max(1, base_steps // self.batch_multiplier)),
+            "--weight-decay", repr(self.weight_decay),
+            "--max-grad-norm", repr(self.max_grad_norm),
+            "--warmup-proportion", repr(self.warmup_proportion),
+        ]
+        if self.optimizer == "adam":
+            flags += ["--weight-decay-mode", self.weight_decay_mode]
+            if self.bias_correction:
+                flags.append("--bias-correction")
+        return flags
+
+
+BASELINE = "bert"
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("bert", "BertAdam (BERT recipe)", "baseline"),
+    Variant("adamw", "AdamW (bias correction)", "2: bias correction can be dropped", bias_correction=True),
+    Variant("adam_l2", "Adam + L2 (same strength)", "1: decoupled decay beats L2", weight_decay_mode="l2"),
+    Variant("no_warmup", "BertAdam, no warmup", "3: warmup protects early training", warmup_proportion=0.0),
+    Variant("no_clip", "BertAdam, no clipping", "clipping", max_grad_norm=0.0),
+    Variant("adam", "Adam, no decay", "4: BERT's optimizer vs plain Adam", bias_correction=True, weight_decay=0.0),
+    Variant("lamb", "LAMB", "5: LAMB matters only at large batch", optimizer="lamb"),
+    Variant("bert_4x", "BertAdam, 4x batch", "5: LAMB matters only at large batch", batch_multiplier=4, lr_multiplier=2.0),
+    Variant("lamb_4x", "LAMB, 4x batch", "5: LAMB matters only at large batch", optimizer="lamb", batch_multiplier=4, lr_multiplier=2.0),
+)
+
+BY_NAME = {v.name: v for v in VARIANTS}
