@@ -7,10 +7,13 @@ fold the coefficient into their update, which saves a read-modify-write pass.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
 from torch import Tensor
+
+from bertopt.optim import _native
 
 try:  # DTensor (FSDP2 / tensor parallel): a local norm is not the norm of the whole tensor
     from torch.distributed.tensor import DTensor, Partial, Replicate
@@ -72,6 +75,10 @@ def global_grad_norm(grads: list[Tensor]) -> Tensor:
         by_device[g.device].append(g)
     per_device = []
     for device_grads in by_device.values():
+        if _native.eligible(device_grads) and (lib := _native.library()) is not None:
+            # float32 CPU: one multithreaded read of the gradients, squares summed in double.
+            per_device.append(torch.tensor(math.sqrt(_native.sum_of_squares(lib, device_grads)), dtype=torch.float32))
+            continue
         # Norms of the local shards; DTensors (any mix of meshes, or with plain
         # tensors) are then made whole by summing their squares across the mesh.
         norms = torch.stack([n.float() for n in torch._foreach_norm([local_part(g) for g in device_grads], 2.0)])
