@@ -92,6 +92,7 @@ class LoopConfig:
     # which evaluate() keys loss.png draws next to the training loss (left and right axis)
     plot_eval_loss: str = "eval_loss"
     plot_eval_metric: str | None = "eval_accuracy"
+    plots: bool = True  # draw loss.png / lr.png at the end
 
     def validate(self) -> None:
         if self.total_steps < 1:
@@ -523,8 +524,9 @@ def run_training(
             "metrics": str(out_dir / "metrics.jsonl"),
             "run": config.run_info,
         }
-        plots = plot_metrics(records, out_dir, title=config.title, eval_loss_key=config.plot_eval_loss,
-                             eval_metric_key=config.plot_eval_metric)
+        if config.plots:
+            plots = plot_metrics(records, out_dir, title=config.title, eval_loss_key=config.plot_eval_loss,
+                                 eval_metric_key=config.plot_eval_metric)
         summary["plots"] = [str(p) for p in plots]
         write_summary(out_dir / "summary.json", summary)
     return LoopResult(step=step, stopped_by=stopped_by, resumed_from=resumed_from, summary=summary,

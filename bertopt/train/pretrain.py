@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"model size: nano, tiny, mini, small, medium, base, large (default: {DEFAULTS['preset']})")
     which.add_argument("--config", type=Path, default=None, metavar="JSON",
                        help="a BertConfig JSON file instead of a preset (vocab_size is taken from the tokenizer)")
+    model.add_argument("--dropout", type=float, default=None,
+                       help="hidden and attention dropout (default: the preset's or config's, 0.1 in BERT)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--corpus", nargs="+", type=Path, default=None, metavar="PATH",
@@ -98,6 +100,7 @@ def validate_args(args: argparse.Namespace) -> None:
         ("--steps", args.steps, args.steps >= 1, ">= 1"),
         ("--seq-len", args.seq_len, 8 <= args.seq_len <= 512, "between 8 and 512 (BERT's position embeddings)"),
         ("--vocab-size", args.vocab_size, 105 <= args.vocab_size <= 1_000_000, "between 105 and 1000000"),
+        ("--dropout", args.dropout, args.dropout is None or 0 <= args.dropout < 1, "in [0, 1)"),
         ("--mask-prob", args.mask_prob, 0 < args.mask_prob < 1, "in (0, 1)"),
         ("--eval-sequences", args.eval_sequences, args.eval_sequences >= 1, ">= 1"),
         ("--log-every", args.log_every, args.log_every >= 1, ">= 1"),
@@ -303,6 +306,7 @@ def main(args: argparse.Namespace) -> dict:
     ctx = init_distributed(args.device)
     log = _log(ctx)
     threads = choose_threads(args.threads, world_size=ctx.world_size)
+    threads_before = torch.get_num_threads()  # restored at the end: main() may run inside a bigger program
     torch.set_num_threads(threads)
     try:
         if args.batch_size % ctx.world_size:
@@ -341,8 +345,10 @@ def main(args: argparse.Namespace) -> dict:
         eval_rows = eval_rows[:args.eval_sequences]
 
         # model
+        dropout = {} if args.dropout is None else {"hidden_dropout_prob": args.dropout,
+                                                   "attention_probs_dropout_prob": args.dropout}
         config = build_config(preset=None if args.config else (args.preset or DEFAULTS["preset"]),
-                              config_file=args.config, vocab_size=prepared.vocab_size)
+                              config_file=args.config, vocab_size=prepared.vocab_size, **dropout)
         if args.seq_len > config.max_position_embeddings:
             raise UsageError(f"--seq-len {args.seq_len} exceeds the model's max_position_embeddings "
                              f"{config.max_position_embeddings}")
@@ -420,6 +426,7 @@ def main(args: argparse.Namespace) -> dict:
                 f"{result.checkpoint}. Continue with: bertopt pretrain --resume (and the same flags)")
         return summary if ctx.is_main else {}
     finally:
+        torch.set_num_threads(threads_before)
         teardown_distributed(ctx)
 
 

@@ -18,12 +18,22 @@ from bertopt.train.report import read_metrics
 TOTAL = 20
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The toy model is tiny: threads only add contention on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _run(out, *, seed=0, hook=None, resume=None, total=TOTAL, **overrides):
     model = make_model(seed)
     optimizer, scheduler = make_optimizer(model, total)
     torch.manual_seed(1000 + seed)  # the RNG that dropout draws from (a resumed run restores it)
     options = dict(out_dir=out, total_steps=total, log_every=3, eval_every=6, save_every=5, progress=False,
-                   resume=resume, run_info={"task": "toy", "batch_size": 8}, resume_must_match=("batch_size",))
+                   resume=resume, run_info={"task": "toy", "batch_size": 8}, resume_must_match=("batch_size",),
+                   plots=False)
     options.update(overrides)
     result = run_training(model, optimizer, scheduler, ToyTask(hook=hook), LoopConfig(**options))
     return result, model
@@ -34,7 +44,7 @@ def _losses(out):
 
 
 def test_straight_run_writes_metrics_summary_plots_checkpoint(tmp_path):
-    result, _ = _run(tmp_path)
+    result, _ = _run(tmp_path, plots=True)
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [3, 6, 9, 12, 15, 18, 20]
     for r in records:
@@ -66,18 +76,21 @@ def test_crash_then_resume_equals_uninterrupted(tmp_path):
     assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")  # exact, dropout included
 
 
-def test_sigint_saves_and_stops_then_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_and_stops_then_resume_equals_uninterrupted(tmp_path, signum):
     _run(tmp_path / "straight")
+    before = signal.getsignal(signum)
 
     def interrupt(step):
         if step == 7:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
 
     result, _ = _run(tmp_path / "resumed", hook=interrupt)
-    assert result.stopped_by == "SIGINT" and result.step == 8
+    name = signal.Signals(signum).name
+    assert result.stopped_by == name and result.step == 8
     assert ckpt.load_checkpoint(tmp_path / "resumed" / "checkpoints").info.step == 8
-    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["stopped_by"] == "SIGINT"
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["stopped_by"] == name
+    assert signal.getsignal(signum) is before  # handlers restored
     result, _ = _run(tmp_path / "resumed", seed=5, resume=tmp_path / "resumed" / "checkpoints")
     assert result.resumed_from == 8 and result.step == TOTAL
     assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
@@ -147,3 +160,17 @@ def test_epoch_batch_sampler():
         EpochBatchSampler(10, 3, world_size=2)
     with pytest.raises(ValueError, match="fewer than one batch"):
         EpochBatchSampler(3, 4)
+
+
+def test_choose_threads(monkeypatch):
+    from bertopt.train import distributed
+
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(distributed.os, "getloadavg", lambda: (0.2, 0, 0))
+    assert distributed.choose_threads(0) == 4
+    assert distributed.choose_threads(0, world_size=2) == 2
+    assert distributed.choose_threads(3) == 3  # explicit wins
+    monkeypatch.setattr(distributed.os, "getloadavg", lambda: (3.4, 0, 0))
+    assert distributed.choose_threads(0) == 1  # busy machine: one thread, no spinning
+    with pytest.raises(ValueError, match="--threads"):
+        distributed.choose_threads(-1)
