@@ -11,8 +11,10 @@ for bit when both are given the same clip coefficient.
 
 Work is split into chunks of at most ``_CHUNK`` elements that threads take from a shared
 counter, so a core stolen by another process slows the step down by its share only
-(a static split would wait for the slowest thread). The squared-norm partials are
-summed in chunk order, so the norm does not depend on the thread count or timing.
+(a static split would wait for the slowest thread). The helper threads persist between
+calls; the caller works too and waits only for helpers that joined, never for one the
+OS has not scheduled yet. The squared-norm partials are summed in chunk order, so the
+norm does not depend on the thread count or timing.
 
 The C source is compiled with the system compiler into a per-user cache the first time
 it is needed (about a second) and loaded with ctypes: no Python headers, no torch
@@ -47,9 +49,15 @@ C_SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 
-#define ABI_VERSION 1
+#define ABI_VERSION 2
 
 typedef struct { int64_t tensor, start, len; } item_t;
+
+static int64_t total_elements(const int64_t *numels, int64_t n_tensors) {
+    int64_t total = 0;
+    for (int64_t t = 0; t < n_tensors; t++) total += numels[t];
+    return total;
+}
 
 /* Cut every tensor into items of at most `chunk` elements. Caller frees. */
 static item_t *make_items(const int64_t *numels, int64_t n_tensors, int64_t chunk, int64_t *n_items) {
@@ -73,34 +81,94 @@ typedef struct job job_t;
 struct job {
     const item_t *items;
     int64_t n_items;
+    int64_t total;  /* elements, to decide how many threads are worth waking */
     atomic_long next;
     void (*work)(const job_t *, const item_t *, int64_t);
     void *args;
 };
 
-static void *worker(void *arg) {
-    job_t *job = (job_t *)arg;
+static void drain(job_t *job) {
     for (;;) {
         long k = atomic_fetch_add_explicit(&job->next, 1, memory_order_relaxed);
         if (k >= job->n_items) break;
         job->work(job, &job->items[k], k);
     }
+}
+
+/* A persistent pool of helper threads. The caller publishes a job, works on it itself,
+   then closes it and waits only for helpers that actually joined: a helper that has not
+   been scheduled yet (the machine is busy) stays out and costs nothing. */
+#define MAX_HELPERS 255
+#define MIN_ELEMENTS_PER_THREAD (1 << 16)
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t pool_wake = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t pool_idle = PTHREAD_COND_INITIALIZER;
+static job_t *pool_job = NULL;          /* open for joining, or NULL */
+static unsigned long pool_generation = 0;
+static int pool_wanted = 0, pool_joined = 0, pool_size = 0;
+
+static void *pool_worker(void *unused) {
+    (void)unused;
+    unsigned long seen = 0;
+    pthread_mutex_lock(&pool_lock);
+    for (;;) {
+        while (pool_job == NULL || pool_generation == seen || pool_joined >= pool_wanted)
+            pthread_cond_wait(&pool_wake, &pool_lock);
+        seen = pool_generation;
+        job_t *job = pool_job;
+        pool_joined++;
+        pthread_mutex_unlock(&pool_lock);
+        drain(job);
+        pthread_mutex_lock(&pool_lock);
+        if (--pool_joined == 0) pthread_cond_broadcast(&pool_idle);
+    }
     return NULL;
 }
 
-/* Run job->work on every item with n_threads threads (the caller is one of them). */
-static int run_job(job_t *job, int n_threads) {
-    pthread_t threads[256];
-    if (n_threads > 256) n_threads = 256;
-    if ((int64_t)n_threads > job->n_items) n_threads = (int)job->n_items;
-    int started = 0;
-    for (int i = 1; i < n_threads; i++) {
-        if (pthread_create(&threads[started], NULL, worker, job) != 0) break;
-        started++;
+/* After fork() only the forking thread exists: start a fresh, empty pool in the child. */
+static void pool_after_fork_in_child(void) {
+    pthread_mutex_init(&pool_lock, NULL);
+    pthread_cond_init(&pool_wake, NULL);
+    pthread_cond_init(&pool_idle, NULL);
+    pool_job = NULL;
+    pool_wanted = pool_joined = pool_size = 0;
+}
+
+__attribute__((constructor)) static void pool_register_fork_handler(void) {
+    pthread_atfork(NULL, NULL, pool_after_fork_in_child);
+}
+
+/* Run job->work on every item with up to n_threads threads (the caller is one of them). */
+static void run_job(job_t *job, int n_threads) {
+    int64_t helpers = (int64_t)n_threads - 1;
+    if (helpers > job->total / MIN_ELEMENTS_PER_THREAD - 1) helpers = job->total / MIN_ELEMENTS_PER_THREAD - 1;
+    if (helpers > job->n_items - 1) helpers = job->n_items - 1;
+    if (helpers > MAX_HELPERS) helpers = MAX_HELPERS;
+    int published = 0;
+    if (helpers > 0) {
+        pthread_mutex_lock(&pool_lock);
+        if (pool_job == NULL) {  /* else another caller's job is open: do ours alone */
+            while (pool_size < helpers) {
+                pthread_t t;
+                if (pthread_create(&t, NULL, pool_worker, NULL) != 0) break;
+                pthread_detach(t);
+                pool_size++;
+            }
+            pool_job = job;
+            pool_wanted = (int)helpers;
+            pool_generation++;
+            published = 1;
+            pthread_cond_broadcast(&pool_wake);
+        }
+        pthread_mutex_unlock(&pool_lock);
     }
-    worker(job);
-    for (int i = 0; i < started; i++) pthread_join(threads[i], NULL);
-    return 0;
+    drain(job);
+    if (published) {
+        pthread_mutex_lock(&pool_lock);
+        pool_job = NULL;
+        while (pool_joined > 0) pthread_cond_wait(&pool_idle, &pool_lock);
+        pthread_mutex_unlock(&pool_lock);
+    }
 }
 
 /* ---- sum of squares (global gradient norm) ---- */
@@ -132,7 +200,7 @@ double bertopt_sumsq_f32(float *const *x, const int64_t *numels, int64_t n_tenso
     double *partial = calloc((size_t)(n_items > 0 ? n_items : 1), sizeof(double));
     if (!partial) { free(items); return -1.0; }
     sumsq_args a = {x, partial};
-    job_t job = {items, n_items, 0, sumsq_item, &a};
+    job_t job = {items, n_items, total_elements(numels, n_tensors), 0, sumsq_item, &a};
     run_job(&job, n_threads);
     double s = 0.0;
     for (int64_t k = 0; k < n_items; k++) s += partial[k];  /* fixed order: deterministic */
@@ -214,14 +282,14 @@ int bertopt_adam_f32(float *const *p, float *const *g, float *const *m, float *c
     if (!items) return -1;
     adam_args a = {p, g, m, v, bc1, bc2, clip, has_clip, -lr, beta1, one_minus_beta1,
                    beta2, one_minus_beta2, eps, wd, decoupled};
-    job_t job = {items, n_items, 0, adam_item, &a};
+    job_t job = {items, n_items, total_elements(numels, n_tensors), 0, adam_item, &a};
     run_job(&job, n_threads);
     free(items);
     return 0;
 }
 """
 
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 _BASE_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-ffp-contract=off"]
 
 _lock = threading.Lock()
@@ -360,8 +428,8 @@ def eligible(*tensor_lists: list[Tensor]) -> bool:
     Tensor subclasses (DTensor, fake tensors under tracing) are left to torch's kernels.
     """
     return all(
-        type(t) in _PLAIN_TENSOR_TYPES and t.device.type == "cpu" and t.dtype == torch.float32
-        and t.layout == torch.strided and t.is_contiguous()
+        type(t) in _PLAIN_TENSOR_TYPES and t.is_cpu and t.dtype is torch.float32
+        and t.layout is torch.strided and t.is_contiguous()
         for tensors in tensor_lists for t in tensors
     )
 
