@@ -90,7 +90,8 @@ class BertAdam(Optimizer):
     After each ``step()``, ``last_grad_norm`` holds the global gradient norm (before
     clipping). A step whose gradients contain inf or nan is skipped entirely (no
     parameter, moment or step count changes) and counted in ``skipped_steps``. The
-    fused path leaves the clipped gradient in ``.grad``.
+    fused path leaves ``.grad`` as it found it for float32 CPU parameters (our native
+    kernel); elsewhere torch's fused kernel leaves the clipped gradient there.
     """
 
     def __init__(
