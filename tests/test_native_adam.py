@@ -208,3 +208,15 @@ def test_low_precision_params_take_torchs_kernel(native_on, dtype):
     opt.step()
     assert params[0].dtype == dtype and opt.state[params[0]]["exp_avg"].dtype == dtype
     assert not torch.equal(params[0].grad, g)  # torch's kernel stored the clipped gradient
+
+
+@needs_compiler
+def test_state_of_the_wrong_size_is_refused_not_written_out_of_bounds(native_on):
+    # e.g. optimizer state loaded from a checkpoint of another model (load_state_dict does not check)
+    p = torch.nn.Parameter(torch.randn(10))
+    opt = bertopt.BertAdam([p], lr=0.1, fused=True)
+    p.grad = torch.randn(10)
+    opt.step()
+    opt.state[p]["exp_avg_sq"] = torch.zeros(4)
+    with pytest.raises(ValueError, match="exp_avg_sq must match its parameter in size: parameter 0 has 10 elements"):
+        opt.step()

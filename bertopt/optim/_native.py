@@ -460,6 +460,15 @@ def adam_step(lib: ctypes.CDLL, params, grads, exp_avgs, exp_avg_sqs, bias_corre
     ``bias_corrections`` is None or a pair of per-tensor lists ``(1 - b1**t, 1 - b2**t)``.
     """
     n = len(params)
+    numels = [t.numel() for t in params]
+    for name, tensors in (("grad", grads), ("exp_avg", exp_avgs), ("exp_avg_sq", exp_avg_sqs)):
+        # The kernel indexes all four by the parameter's size: a mismatch (say, optimizer
+        # state loaded for another model) must stop here, not write out of bounds.
+        if len(tensors) != n or any(t.numel() != k for t, k in zip(tensors, numels)):
+            bad = next((i for i, (t, k) in enumerate(zip(tensors, numels)) if t.numel() != k), None)
+            detail = f"parameter {bad} has {numels[bad]} elements, its {name} {tensors[bad].numel()}" \
+                if bad is not None else f"{n} parameters but {len(tensors)} {name} tensors"
+            raise ValueError(f"{name} must match its parameter in size: {detail}")
     if bias_corrections is None:
         bc1 = bc2 = None
     else:
@@ -467,7 +476,7 @@ def adam_step(lib: ctypes.CDLL, params, grads, exp_avgs, exp_avg_sqs, bias_corre
         bc2 = (ctypes.c_float * n)(*bias_corrections[1])
     err = lib.bertopt_adam_f32(
         _pointer_array(params), _pointer_array(grads), _pointer_array(exp_avgs), _pointer_array(exp_avg_sqs),
-        _numels(params), n, bc1, bc2, clip_coef is not None, 1.0 if clip_coef is None else clip_coef,
+        (ctypes.c_int64 * n)(*numels), n, bc1, bc2, clip_coef is not None, 1.0 if clip_coef is None else clip_coef,
         h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.decoupled,
         # torch turns the Python double 1 - beta into float32; so do we (c_float rounds).
         1.0 - h.beta1, 1.0 - h.beta2, torch.get_num_threads(), _CHUNK,
