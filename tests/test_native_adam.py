@@ -220,3 +220,26 @@ def test_state_of_the_wrong_size_is_refused_not_written_out_of_bounds(native_on)
     opt.state[p]["exp_avg_sq"] = torch.zeros(4)
     with pytest.raises(ValueError, match="exp_avg_sq must match its parameter in size: parameter 0 has 10 elements"):
         opt.step()
+
+
+@needs_compiler
+def test_portable_build_without_march_native_matches_too(tmp_path):
+    # The fallback compile (when a compiler refuses -march=native): baseline ISA, and on
+    # x86-64 without FMA a*b+c instead of fused multiply-adds, as torch's own fallback.
+    import ctypes
+    import os
+
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    out = tmp_path / "portable.so"
+    assert _native._compile(cc, out, _native._BASE_FLAGS) is None
+    lib = ctypes.CDLL(str(out))
+    _native._declare(lib)
+    h = _impl.AdamHyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01,
+                        bias_correction=False, decoupled=True)
+    ref = make_state(5)
+    nat = clone_all(ref)
+    _impl.bert_adam_reference(*ref, h, torch.tensor(0.5))
+    _native.adam_step(lib, *nat[:4], None, h, 0.5)
+    for lst_ref, lst_nat in zip(ref[:4], nat[:4]):
+        for a, b in zip(lst_ref, lst_nat):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -51,6 +51,14 @@ C_SOURCE = r"""
 
 #define ABI_VERSION 2
 
+/* torch's vectorized fmadd is a hardware fused multiply-add where the CPU has one and
+   a*b+c otherwise; so is ours (a software fmaf would be exact but very slow). */
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA) || defined(FP_FAST_FMAF)
+#define FMA(a, b, c) fmaf((a), (b), (c))
+#else
+#define FMA(a, b, c) ((a) * (b) + (c))
+#endif
+
 typedef struct { int64_t tensor, start, len; } item_t;
 
 static int64_t total_elements(const int64_t *numels, int64_t n_tensors) {
@@ -234,16 +242,16 @@ static inline void adam_span(float *restrict p, const float *restrict g, float *
         if (has_clip) gi = gi * c;
         if (l2) gi = gi + wd * pi;
         float mi = m[i] * b1;
-        mi = fmaf(omb1, gi, mi);
+        mi = FMA(omb1, gi, mi);
         float vi = v[i] * b2;
-        vi = fmaf(omb2 * gi, gi, vi);
+        vi = FMA(omb2 * gi, gi, vi);
         m[i] = mi;
         v[i] = vi;
         float mh = mi, vh = vi;
         if (bias_corr) { mh = mi / bc1; vh = vi / bc2; }
         float u = mh / (sqrtf(vh) + eps);
         if (decoupled_wd) u = u + wd * pi;
-        p[i] = fmaf(lr_neg, u, pi);
+        p[i] = FMA(lr_neg, u, pi);
     }
 }
 
