@@ -93,6 +93,9 @@ class LoopConfig:
     plot_eval_loss: str = "eval_loss"
     plot_eval_metric: str | None = "eval_accuracy"
     plots: bool = True  # draw loss.png / lr.png at the end
+    # evaluate before the first step of a fresh run: a record {"step": 0, <evaluate() keys>} (no
+    # training loss yet) starts metrics.jsonl, and summary.json gets "<key>_at_start"
+    eval_at_start: bool = False
 
     def validate(self) -> None:
         if self.total_steps < 1:
@@ -364,6 +367,12 @@ def run_training(
 
     metrics = MetricsLog(out_dir / "metrics.jsonl", resume_step=resumed_from, enabled=ctx.is_main)
     last_checkpoint: Path | None = None
+    if config.eval_at_start and resumed_from is None and hasattr(task, "evaluate"):
+        model.eval()
+        with torch.no_grad():
+            start_eval = {k: float(v) for k, v in task.evaluate(model).items()}
+        model.train()
+        metrics.append({"step": 0, "lr": _current_lr(optimizer), **start_eval})
 
     def save(step: int) -> Path | None:
         model_state, optim_state = get_training_state(model, optimizer)
@@ -503,6 +512,8 @@ def run_training(
     if ctx.is_main:
         records = read_metrics(out_dir / "metrics.jsonl")
         losses = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))]
+        at_start = next((r for r in records if r.get("step") == 0), {})
+        start_fields = {f"{k}_at_start": v for k, v in at_start.items() if k not in ("step", "lr")}
         if not last_eval and hasattr(task, "evaluate"):  # e.g. resumed a finished run: report its last eval
             evaluated = [r for r in records if any(k not in _TRAIN_KEYS and k.startswith(("eval", "dev")) for k in r)]
             if evaluated:
@@ -515,6 +526,7 @@ def run_training(
             "resumed_from": resumed_from,
             "first_logged_loss": losses[0] if losses else None,
             "last_logged_loss": losses[-1] if losses else None,
+            **start_fields,
             **last_eval,
             **final_fields,
             "train_time_s": round(train_time, 2),

@@ -143,11 +143,13 @@ def plot_metrics(
         mx, my = _series(records, eval_metric_key)
         if mx:
             ax2 = ax.twinx()
-            ax2.plot(mx, my, "s--", color="tab:green", markersize=4, label=eval_metric_key.replace("_", " "))
-            ax2.set_ylabel(eval_metric_key.replace("_", " "))
+            label = eval_metric_key.replace("eval_", "held-out ").replace("dev_", "dev ").replace("_", " ")
+            ax2.plot(mx, my, "s--", color="tab:green", markersize=4, label=label)
+            ax2.set_ylabel(label)
+            ax2.set_ylim(bottom=0)
             h2, l2 = ax2.get_legend_handles_labels()
             handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, loc="upper right")
+    ax.legend(handles, labels, loc="center right")  # loss ends low, accuracy high: the middle is free
     ax.set_title(f"{title} loss".strip())
     fig.tight_layout()
     path = out_dir / "loss.png"

@@ -34,7 +34,8 @@ def _argv(corpus, out, *extra, steps=STEPS):
 
 
 def _curve(out):
-    return [(r["step"], r["loss"], r["lr"], r["grad_norm"], r.get("eval_loss")) for r in read_metrics(out / "metrics.jsonl")]
+    return [(r["step"], r.get("loss"), r["lr"], r.get("grad_norm"), r.get("eval_loss"))
+            for r in read_metrics(out / "metrics.jsonl")]
 
 
 def _assert_same_curve(a, b):
@@ -50,7 +51,9 @@ def test_default_flags_train_report_and_hand_off_a_model(corpus, tmp_path):
     out = tmp_path / "run"
     assert cli(_argv(corpus, out)) == 0
     records = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in records] == list(range(2, STEPS + 1, 2))
+    assert [r["step"] for r in records] == [0, *range(2, STEPS + 1, 2)]
+    assert set(records[0]) == {"step", "lr", "eval_loss", "eval_accuracy"}  # evaluation before training
+    records = records[1:]
     for r in records:
         assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "train_accuracy"} <= set(r)
     assert [r["step"] for r in records if "eval_loss" in r] == [8, 16, 24]
