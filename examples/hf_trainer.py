@@ -1,6 +1,6 @@
 """Fine-tune with Hugging Face ``Trainer`` using bertopt's optimizer and schedule.
 
-    python examples/hf_trainer.py                 # MiniLM-L6 on Rotten Tomatoes, 150 steps (~3 min on 2 CPU cores)
+    python examples/hf_trainer.py                 # MiniLM-L6 on Rotten Tomatoes, 150 steps (minutes on 2 CPU cores)
     python examples/hf_trainer.py --tiny          # a tiny random BERT on 64 rows: a 10-second smoke run
 
 The whole integration is one argument to ``Trainer``::
