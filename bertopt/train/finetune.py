@@ -15,6 +15,7 @@ checkpoint of ``bertopt pretrain``; the data any CSV/TSV/JSONL file with a text 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -232,6 +233,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--label-column", default="label", help="column holding the label (default: label)")
     g.add_argument("--dev-data", default=None, metavar="FILE", help="explicit dev set (same columns)")
     g.add_argument("--test-data", default=None, metavar="FILE", help="explicit test set (same columns)")
+    g.add_argument("--max-train-examples", type=int, default=None, metavar="N",
+                   help="train on the first N examples of the training split only (quick experiments)")
+    g.add_argument("--max-eval-examples", type=int, default=None, metavar="N",
+                   help="evaluate on the first N examples of dev and of test only (quick experiments)")
     g.add_argument("--max-seq-length", type=int, default=64,
                    help="tokens per text incl. [CLS]/[SEP]; longer texts are truncated (default: 64)")
 
@@ -275,6 +280,8 @@ def check_arguments(args: argparse.Namespace) -> None:
     need(args.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
     need(math.isfinite(args.epochs) and args.epochs > 0, f"--epochs must be > 0, got {args.epochs}")
     need(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
+    for flag, value in (("--max-train-examples", args.max_train_examples), ("--max-eval-examples", args.max_eval_examples)):
+        need(value is None or value >= 1, f"{flag} must be >= 1, got {value}")
     need(args.max_seq_length >= 3, f"--max-seq-length must be >= 3, got {args.max_seq_length}")
     need(args.log_every >= 1, f"--log-every must be >= 1, got {args.log_every}")
     need(args.eval_every is None or args.eval_every >= 0, f"--eval-every must be >= 0, got {args.eval_every}")
@@ -314,6 +321,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     source = resolve_model(args.model)
     splits = fd.load_splits(args.data, text_column=args.text_column, label_column=args.label_column,
                             dev_data=args.dev_data, test_data=args.test_data)
+    splits = dataclasses.replace(splits, train=splits.train[:args.max_train_examples],
+                                 dev=splits.dev[:args.max_eval_examples], test=splits.test[:args.max_eval_examples])
     ctx = init_distributed(args.device)
     try:
         torch.manual_seed(args.seed)  # the classifier head's initialisation
