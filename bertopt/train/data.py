@@ -317,16 +317,20 @@ def _pack(flat_path: Path, out_path: Path, seq_len: int, dtype) -> int:
     body = seq_len - 2
     rows = len(flat) // body
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    packed = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, seq_len))
-    step = max(1, (1 << 22) // seq_len)  # ~4M ids per chunk
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        packed[start:stop, 0] = CLS_ID
-        packed[start:stop, 1:-1] = np.asarray(flat[start * body:stop * body]).reshape(-1, body)
-        packed[start:stop, -1] = SEP_ID
-    packed.flush()
-    del packed, flat
-    os.replace(tmp, out_path)
+    try:
+        packed = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, seq_len))
+        step = max(1, (1 << 22) // seq_len)  # ~4M ids per chunk
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            packed[start:stop, 0] = CLS_ID
+            packed[start:stop, 1:-1] = np.asarray(flat[start * body:stop * body]).reshape(-1, body)
+            packed[start:stop, -1] = SEP_ID
+        packed.flush()
+        del packed, flat
+        os.replace(tmp, out_path)
+    except BaseException:  # Ctrl-C, full disk: leave no half-written file in the cache
+        tmp.unlink(missing_ok=True)
+        raise
     return rows
 
 
@@ -347,7 +351,7 @@ class PretrainingData:
 
 
 def prepare_data(corpus: Corpus, cache_dir: str | os.PathLike, *, vocab_size: int, seq_len: int,
-                 lowercase: bool = True, log: Callable[[str], None] = print) -> PretrainingData:
+                 lowercase: bool = True, log: Callable[[str], None] = print, _rebuilt: bool = False) -> PretrainingData:
     """Tokenizer and packed sequences for ``corpus``, built once and then read from the cache."""
     import time
 
@@ -362,9 +366,15 @@ def prepare_data(corpus: Corpus, cache_dir: str | os.PathLike, *, vocab_size: in
     meta_file = directory / f"meta-L{seq_len}.json"
     train_file, eval_file = directory / f"train-L{seq_len}.npy", directory / f"eval-L{seq_len}.npy"
 
+    tokenizer = None
     if tokenizer_file.exists():
-        tokenizer = Tokenizer.from_file(str(tokenizer_file))
-    else:
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as exc:  # damaged outside bertopt (it writes atomically): build it again
+            log(f"note: the cached tokenizer {tokenizer_file} cannot be read ({exc}); training it again")
+            for stale in (tokenizer_file, *directory.glob("meta-L*.json")):
+                stale.unlink(missing_ok=True)
+    if tokenizer is None:
         start = time.perf_counter()
         tokenizer = train_tokenizer(corpus.open(), vocab_size, lowercase=lowercase)
         if tokenizer.get_vocab_size() <= len(SPECIAL_TOKENS):
@@ -398,10 +408,23 @@ def prepare_data(corpus: Corpus, cache_dir: str | os.PathLike, *, vocab_size: in
         os.replace(tmp, meta_file)
         log(f"tokenized {n_docs} documents ({n_tokens:,} tokens) into {train_rows:,} training and "
             f"{eval_rows:,} held-out sequences of {seq_len} tokens in {time.perf_counter() - start:.1f}s")
-    stats = json.loads(meta_file.read_text())
+    try:
+        stats = json.loads(meta_file.read_text())
+        train, held_out = np.load(train_file, mmap_mode="r"), np.load(eval_file, mmap_mode="r")
+        if train.ndim != 2 or train.shape[1:] != (seq_len,) or held_out.shape[1:] != (seq_len,) \
+                or len(train) != stats["train_sequences"] or len(held_out) != stats["eval_sequences"]:
+            raise ValueError(f"shapes {train.shape} / {held_out.shape} do not match {meta_file.name}")
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        if _rebuilt:
+            raise
+        # damaged outside bertopt (it writes atomically): drop this sequence length's files, build them again
+        log(f"note: the cached sequences in {directory} cannot be read ({exc}); building them again")
+        for stale in (meta_file, train_file, eval_file):
+            stale.unlink(missing_ok=True)
+        return prepare_data(corpus, cache_dir, vocab_size=vocab_size, seq_len=seq_len, lowercase=lowercase, log=log,
+                            _rebuilt=True)
     return PretrainingData(directory=directory, tokenizer_file=tokenizer_file, vocab_size=actual_vocab,
-                           seq_len=seq_len, train=np.load(train_file, mmap_mode="r"),
-                           eval=np.load(eval_file, mmap_mode="r"), stats=stats)
+                           seq_len=seq_len, train=train, eval=held_out, stats=stats)
 
 
 # --- masking ------------------------------------------------------------------------------------

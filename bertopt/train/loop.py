@@ -31,6 +31,13 @@ training accuracy).
 :class:`EpochBatchSampler` turns "step" into example indices (a fresh shuffle per epoch, the
 global batch split across ranks), for tasks with a fixed list of examples.
 
+A non-finite training loss (nan/inf) stops the run with :class:`TrainingError` naming the step,
+before the optimizer sees it (``on_nonfinite="stop"``, the default), or skips that update and goes
+on (``on_nonfinite="skip"``; ``max_consecutive_nonfinite`` skips in a row still stop the run).
+Either way no parameter or moment is touched by the bad step, and the last checkpoint is intact.
+Optimizers that skip non-finite *gradients* themselves (BertAdam, Lamb) have their running count
+logged as ``skipped_steps`` and carried through checkpoints.
+
 Batches, the model and the RNG are the only sources of randomness the loop knows about: the
 checkpoint stores the torch/numpy/python RNG states of every rank, so a resumed run continues
 with the same dropout masks and its loss curve equals the uninterrupted one.
@@ -75,6 +82,9 @@ class TrainingTask(Protocol):
     def forward(self, model: torch.nn.Module, batch: Any) -> StepOutput: ...
 
 
+NONFINITE_POLICIES = ("stop", "skip")
+
+
 @dataclass
 class LoopConfig:
     out_dir: str | Path
@@ -96,6 +106,9 @@ class LoopConfig:
     # evaluate before the first step of a fresh run: a record {"step": 0, <evaluate() keys>} (no
     # training loss yet) starts metrics.jsonl, and summary.json gets "<key>_at_start"
     eval_at_start: bool = False
+    # a non-finite training loss: "stop" (TrainingError naming the step) or "skip" the update
+    on_nonfinite: str = "stop"
+    max_consecutive_nonfinite: int = 10  # with "skip": this many bad steps in a row stop the run
 
     def validate(self) -> None:
         if self.total_steps < 1:
@@ -105,6 +118,10 @@ class LoopConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.log_every == 0:
             raise ValueError("log_every must be >= 1")
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}; got {self.on_nonfinite!r}")
+        if self.max_consecutive_nonfinite < 1:
+            raise ValueError(f"max_consecutive_nonfinite must be >= 1, got {self.max_consecutive_nonfinite}")
 
 
 @dataclass
@@ -308,15 +325,73 @@ def _resolve_resume(config: LoopConfig, checkpoint_dir: Path) -> Path | None:
     return Path(config.resume)
 
 
+def _describe_difference(saved: dict, current: dict) -> str:
+    """``hidden_size: 64 in the checkpoint, 128 in this run`` for the fields that differ."""
+    keys = sorted(set(saved) | set(current), key=str)
+    diffs = [f"{k}: {saved.get(k, '(absent)')!r} in the checkpoint, {current.get(k, '(absent)')!r} in this run"
+             for k in keys if saved.get(k, "(absent)") != current.get(k, "(absent)")]
+    return "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+
+
 def _check_compatible(meta: dict, config: LoopConfig, where: Path) -> None:
+    """CheckpointError unless the checkpoint was made by the same command with the same settings
+    (``config.resume_must_match``). A setting the checkpoint does not record at all means it was
+    written by another command or program: refused too, unless this run leaves it unset (None)."""
     saved = meta.get("run", {})
-    for key in config.resume_must_match:
-        if key in saved and saved[key] != config.run_info.get(key):
+    advice = "resume with the same settings, or start a new run in another --out directory"
+    for key in ("command", *config.resume_must_match):
+        if key not in config.run_info:
+            continue
+        current = config.run_info[key]
+        if key not in saved:
+            if current is None:
+                continue
             raise ckpt.CheckpointError(
-                f"{where}: the checkpoint was made with {key}={saved[key]!r} but this run has "
-                f"{key}={config.run_info.get(key)!r}; resume with the same setting, or start a new run "
-                "in another --out directory"
+                f"{where}: the checkpoint does not record {key} (this run has {key}={current!r}), so it was "
+                f"written by another command or program and cannot be continued here; {advice}"
             )
+        if saved[key] != current:
+            if isinstance(saved[key], dict) and isinstance(current, dict):
+                difference = f"a different {key} ({_describe_difference(saved[key], current)})"
+            else:
+                difference = f"{key}={saved[key]!r} but this run has {key}={current!r}"
+            raise ckpt.CheckpointError(f"{where}: the checkpoint was made with {difference}; {advice}")
+
+
+_RESUME_ADVICE = ("--resume takes a checkpoints directory (the newest checkpoint that verifies is used), a "
+                  "step-*.json manifest or the step-*.pt payload a manifest names; --resume alone uses "
+                  "<out>/checkpoints. To start from scratch instead, leave --resume out")
+
+
+def _intact(last_checkpoint: Path | None, checkpoint_dir: Path) -> str:
+    """'the last checkpoint (...) is intact' or 'no checkpoint was written yet'."""
+    if last_checkpoint is None:
+        latest = ckpt.latest_checkpoint(checkpoint_dir)
+        last_checkpoint = latest.manifest_path if latest else None
+    if last_checkpoint is None:
+        return "no checkpoint was written yet"
+    return f"the last checkpoint ({last_checkpoint}) is intact"
+
+
+def _on_nonfinite_loss(loss: float, step: int, config: LoopConfig, in_a_row: int, last_checkpoint: Path | None,
+                       checkpoint_dir: Path, ctx: DistContext) -> None:
+    """Stop (TrainingError naming the step) or, with on_nonfinite="skip", warn and carry on."""
+    advice = ("Lower --lr (or keep --max-grad-norm on), check the data, then resume from the checkpoint with "
+              "--resume")
+    if config.on_nonfinite == "stop":
+        raise TrainingError(
+            f"the training loss is {loss} at step {step}; this update was not applied and "
+            f"{_intact(last_checkpoint, checkpoint_dir)}. {advice} (or pass --on-nonfinite skip to skip such steps)"
+        )
+    if in_a_row >= config.max_consecutive_nonfinite:
+        raise TrainingError(
+            f"the training loss was non-finite at {in_a_row} steps in a row (steps {step - in_a_row + 1} to "
+            f"{step}, last value {loss}); none of them was applied and {_intact(last_checkpoint, checkpoint_dir)}. "
+            f"{advice}"
+        )
+    if ctx.is_main:
+        print(f"warning: the training loss is {loss} at step {step}; skipped this update "
+              f"({in_a_row} in a row, at most {config.max_consecutive_nonfinite - 1} allowed)", flush=True)
 
 
 def run_training(
@@ -349,17 +424,35 @@ def run_training(
     resume_path = _resolve_resume(config, checkpoint_dir)
     if config.resume is not None and resume_path is None and ctx.is_main:
         print(f"--resume: no checkpoint in {checkpoint_dir} yet; starting from step 0", flush=True)
+    nonfinite_total = nonfinite_in_a_row = 0
     if resume_path is not None:
-        loaded = ckpt.load_checkpoint(resume_path)
+        try:
+            loaded = ckpt.load_checkpoint(resume_path)
+        except ckpt.CheckpointError as exc:
+            raise ckpt.CheckpointError(f"cannot resume: {exc}. {_RESUME_ADVICE}") from exc
         _check_compatible(loaded.info.meta, config, loaded.info.manifest_path)
         state = loaded.state
-        set_training_state(model, optimizer, state["model"], state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        rng_states = state["rng"]
-        restore_rng_state(rng_states[ctx.rank % len(rng_states)])
-        start_step = resumed_from = int(state["loop"]["step"])
-        window = _Window(state["loop"].get("window"))
-        train_time = float(state["loop"].get("train_time_s", 0.0))
+        try:
+            set_training_state(model, optimizer, state["model"], state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            rng_states = state["rng"]
+            restore_rng_state(rng_states[ctx.rank % len(rng_states)])
+            loop_state = state["loop"]
+            start_step = resumed_from = int(loop_state["step"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            raise ckpt.CheckpointError(
+                f"{loaded.info.manifest_path}: the checkpoint verifies but does not fit this model and optimizer "
+                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}); it belongs to a different "
+                "model or program. Resume with the settings it was made with, or start a new run in another "
+                "--out directory"
+            ) from exc
+        window = _Window(loop_state.get("window"))
+        train_time = float(loop_state.get("train_time_s", 0.0))
+        if "optimizer_skipped_steps" in loop_state and hasattr(optimizer, "skipped_steps"):
+            # torch's distributed state-dict helpers drop the optimizer's own extra fields
+            optimizer.skipped_steps = int(loop_state["optimizer_skipped_steps"])
+        nonfinite_total = int(loop_state.get("nonfinite_total", 0))
+        nonfinite_in_a_row = int(loop_state.get("nonfinite_in_a_row", 0))
         if ctx.is_main:
             for reason in loaded.skipped:
                 print(f"warning: skipped a checkpoint that failed verification: {reason}", flush=True)
@@ -385,8 +478,11 @@ def run_training(
                 "scheduler": scheduler.state_dict(),
                 "rng": rng_states,
                 "loop": {"step": step, "window": window.state_dict(), "train_time_s": train_time,
-                         "world_size": ctx.world_size},
+                         "world_size": ctx.world_size, "nonfinite_total": nonfinite_total,
+                         "nonfinite_in_a_row": nonfinite_in_a_row},
             }
+            if hasattr(optimizer, "skipped_steps"):
+                state["loop"]["optimizer_skipped_steps"] = int(optimizer.skipped_steps)
             meta = {"run": config.run_info, "world_size": ctx.world_size}
             if hasattr(task, "data_position"):
                 meta["data_position"] = task.data_position(step)
@@ -433,16 +529,19 @@ def run_training(
                 reduced = ctx.all_reduce_sum(torch.tensor(local, dtype=torch.float64)).tolist()
                 loss_sum, tokens, stop_votes = reduced[:3]
                 loss = loss_sum / count
-                if not math.isfinite(loss):
-                    raise TrainingError(
-                        f"the training loss is {loss} at step {step + 1}; nothing was updated at this step"
-                        + (f" and the last checkpoint ({last_checkpoint.name}) is intact" if last_checkpoint else "")
-                        + ". Lower --lr, check the data, or resume from the checkpoint with --resume"
-                    )
                 lr = _current_lr(optimizer)
-                own_norm = getattr(optimizer, "last_grad_norm", None) is None
-                grad_norm = _grad_norm(model) if own_norm else None
-                optimizer.step()
+                finite = math.isfinite(loss)
+                if finite:
+                    nonfinite_in_a_row = 0
+                    own_norm = getattr(optimizer, "last_grad_norm", None) is None
+                    grad_norm = _grad_norm(model) if own_norm else None
+                    optimizer.step()
+                else:  # the update is never applied: parameters and moments stay as they were
+                    nonfinite_total += 1
+                    nonfinite_in_a_row += 1
+                    _on_nonfinite_loss(loss, step + 1, config, nonfinite_in_a_row, last_checkpoint,
+                                       checkpoint_dir, ctx)
+                    grad_norm = float("nan")
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 if grad_norm is None:
@@ -451,12 +550,13 @@ def run_training(
                 step_seconds = time.perf_counter() - step_start
                 train_time += step_seconds
 
-                window.loss_sum += loss_sum
-                window.count += count
-                window.tokens += tokens
+                if finite:  # a skipped step adds nothing to the logged averages
+                    window.loss_sum += loss_sum
+                    window.count += count
+                    window.tokens += tokens
+                    for name, value in zip(sum_names, reduced[3:]):
+                        window.sums[name] = window.sums.get(name, 0.0) + value
                 window.steps += 1
-                for name, value in zip(sum_names, reduced[3:]):
-                    window.sums[name] = window.sums.get(name, 0.0) + value
 
                 stopping = stop_votes > 0
                 stop_name = stop.signal_name or ("SIGTERM" if stopping else None)
@@ -468,16 +568,21 @@ def run_training(
                 if is_last or evaluate or step % config.log_every == 0:
                     elapsed = time.perf_counter() - window_start
                     tokens_per_s = window.tokens / elapsed if elapsed > 0 else float("nan")
+                    averaged = window.count > 0  # else every step of the window was skipped
                     record = {
                         "step": step,
-                        "loss": window.loss_sum / window.count,
+                        "loss": window.loss_sum / window.count if averaged else float("nan"),
                         "lr": lr,
                         "grad_norm": grad_norm,
                         "tokens_per_s": tokens_per_s,
                         "train_time_s": train_time,
                     }
                     for name, value in window.sums.items():
-                        record[f"train_{name}"] = value / window.count
+                        record[f"train_{name}"] = value / window.count if averaged else float("nan")
+                    if hasattr(optimizer, "skipped_steps"):  # steps the optimizer skipped (non-finite gradients)
+                        record["skipped_steps"] = int(optimizer.skipped_steps)
+                    if config.on_nonfinite == "skip":
+                        record["nonfinite_loss_steps"] = nonfinite_total
                     if evaluate:
                         model.eval()
                         with torch.no_grad():
@@ -497,6 +602,11 @@ def run_training(
                 if stopping:
                     stopped_by = stop_name
                     break
+    except OSError as exc:  # e.g. metrics.jsonl on a full disk (checkpoint writes raise TrainingError)
+        raise TrainingError(
+            f"after step {step}: {exc}. {_intact(last_checkpoint, checkpoint_dir)}; fix that (free disk space, "
+            "check permissions), then run the same command again with --resume"
+        ) from exc
     finally:
         bar.close()
         metrics.close()

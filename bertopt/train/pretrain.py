@@ -89,6 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps; 0: only at the end (default: 100)")
     run.add_argument("--save-every", type=int, default=250, help="checkpoint every N steps; 0: only at the end (default: 250)")
     run.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints to keep; 0 keeps all (default: 2)")
+    run.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
+                     help="a nan/inf training loss: stop with an error naming the step (default), or skip that "
+                          "update (10 in a row still stop); the last checkpoint stays intact either way")
     run.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (under torchrun)")
     run.add_argument("--threads", type=int, default=0,
                      help="CPU threads per process; 0: automatic (fewer when the machine is busy)")
@@ -116,6 +119,16 @@ def validate_args(args: argparse.Namespace) -> None:
         if not ok:
             raise ValueError(f"{flag} must be {allowed}; got {value}")
     validate_optimizer_args(args, args.steps)
+    if args.resume not in (None, "auto") and not Path(args.resume).exists():
+        raise ValueError(f"--resume {args.resume}: no such checkpoint file or directory; give <out>/checkpoints, "
+                         "a step-*.json manifest, or --resume alone for the newest checkpoint in --out")
+    # the model choice, before the (possibly long) data preparation
+    from bertopt.train.presets import PRESETS, config_from_file
+
+    if args.config is not None:
+        config_from_file(args.config, vocab_size=args.vocab_size)
+    elif args.preset is not None and args.preset not in PRESETS:
+        raise ValueError(f"--preset must be one of {', '.join(PRESETS)}; got {args.preset!r}")
 
 
 def default_args(**overrides) -> argparse.Namespace:
@@ -261,27 +274,33 @@ def _prepare_out_dir(out: Path, args) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+def ensure_writable_dir(path: Path, flag: str) -> None:
+    """Create ``path`` if needed and prove it writable by creating and removing a file in it (more
+    reliable than ``os.access``, which says yes to root on read-only or immutable directories).
+    UsageError naming the flag, before any work is done."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".bertopt-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise UsageError(f"{flag} {path}: cannot write there ({reason}); choose a directory you can write to") from None
+
+
 def run(args: argparse.Namespace) -> int:
     """CLI entry: :func:`main` plus one-paragraph errors and exit codes (0 done, 1 failed,
-    2 bad input, 130/143 stopped by SIGINT/SIGTERM after saving a checkpoint)."""
-    from bertopt.train.checkpoint import CheckpointError
-    from bertopt.train.data import CorpusError
-    from bertopt.train.loop import TrainingError
+    2 bad input, 130/143 stopped by SIGINT/SIGTERM after saving a checkpoint); see bertopt.cli."""
+    from bertopt.cli import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, report_error
 
     try:
         summary = main(args)
-    except (ValueError, CorpusError) as exc:  # UsageError is a ValueError
+    except Exception as exc:  # ValueError/CorpusError/UsageError -> 2; CheckpointError, TrainingError, OSError -> 1
         if getattr(args, "debug", False):
             raise
-        print(f"bertopt pretrain: error: {exc}", file=sys.stderr)
-        return 2
-    except (CheckpointError, TrainingError, OSError) as exc:
-        if getattr(args, "debug", False):
-            raise
-        print(f"bertopt pretrain: error: {exc}", file=sys.stderr)
-        return 1
+        return report_error("pretrain", exc)
     stopped_by = summary.get("stopped_by")
-    return {None: 0, "SIGINT": 130}.get(stopped_by, 143)
+    return {None: EXIT_OK, "SIGINT": EXIT_SIGINT}.get(stopped_by, EXIT_SIGTERM)
 
 
 def _log(ctx):
@@ -317,17 +336,16 @@ def main(args: argparse.Namespace) -> dict:
             raise UsageError(f"--batch-size {args.batch_size} must be divisible by the number of processes "
                              f"({ctx.world_size})")
         out: Path = args.out
+        cache_dir = args.cache_dir or _default_cache_dir()
         if ctx.is_main:
             _prepare_out_dir(out, args)
-            out.mkdir(parents=True, exist_ok=True)
-            if not os.access(out, os.W_OK):
-                raise UsageError(f"--out {out}: directory is not writable")
+            ensure_writable_dir(out, "--out")
+            ensure_writable_dir(cache_dir, "--cache-dir")
         ctx.barrier()
 
         # data: rank 0 builds the cache, the others read it
         corpus = data_mod.text_corpus(args.corpus, line_per_document=args.line_per_document) if args.corpus \
             else data_mod.wiki_corpus()
-        cache_dir = args.cache_dir or _default_cache_dir()
         prepared = None
         if ctx.is_main:
             prepared = data_mod.prepare_data(corpus, cache_dir, vocab_size=args.vocab_size, seq_len=args.seq_len,
@@ -391,7 +409,7 @@ def main(args: argparse.Namespace) -> dict:
             out_dir=out, total_steps=args.steps, log_every=args.log_every, eval_every=args.eval_every,
             save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
             progress=not args.no_progress, title=f"pretrain BERT-{model_name}", run_info=run_info,
-            resume_must_match=RESUME_MUST_MATCH, eval_at_start=True)
+            resume_must_match=RESUME_MUST_MATCH, eval_at_start=True, on_nonfinite=args.on_nonfinite)
         result = run_training(model, optimizer, scheduler, task, loop_config, ctx)
 
         from bertopt.train.loop import get_model_state
