@@ -20,12 +20,12 @@ def task_specs(quick: bool):
     finetune_variants = ("bert", "adamw", "adam_l2", "no_warmup", "no_clip", "adam", "lamb")
     if quick:
         return [
-            TaskSpec("pretrain", "MLM pretraining (quick)", 2e-3, 8, 8,
+            TaskSpec("pretrain", "MLM pretraining (quick)", 2e-3, 8, 12,
                      ("--preset", "nano", "--seq-len", "32", "--eval-sequences", "16",
-                      "--log-every", "2"), pretrain_metrics, pretrain_variants),
-            TaskSpec("finetune", "Fine-tuning MiniLM on Rotten Tomatoes (quick)", 1e-4, 8, 4,
-                     ("--max-seq-length", "24", "--max-train-examples", "64", "--max-eval-examples", "32",
-                      "--log-every", "2", "--eval-every", "0"), finetune_metrics, finetune_variants),
+                      "--log-every", "2", "--threads", "1"), pretrain_metrics, pretrain_variants),
+            TaskSpec("finetune", "Fine-tuning MiniLM on Rotten Tomatoes (quick)", 1e-4, 8, 10,
+                     ("--max-seq-length", "24", "--max-train-examples", "80", "--max-eval-examples", "32",
+                      "--log-every", "2", "--eval-every", "0", "--threads", "1"), finetune_metrics, finetune_variants),
         ]
     return [
         TaskSpec("pretrain", "MLM pretraining, BERT-tiny on the Wikipedia sample", 2e-3, 32, 240,

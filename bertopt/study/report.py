@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import platform
 from collections import defaultdict
 from pathlib import Path
@@ -34,10 +35,9 @@ def _values(runs: dict[int, RunRecord], key: str) -> dict[int, float]:
 
 
 def early_loss(run: RunRecord, fraction: float = 0.2) -> float:
-    """Mean training loss over the first ``fraction`` of the logged steps (claim 3)."""
-    total = run.summary.get("total_steps") or max(s for s, _ in run.curve)
-    early = [loss for step, loss in run.curve if step <= max(1, fraction * total)]
-    return sum(early) / len(early) if early else float("nan")
+    """Mean training loss over the first ``fraction`` of the logged points (claim 3)."""
+    early = [loss for _, loss in run.curve[:max(1, math.ceil(fraction * len(run.curve)))]]
+    return sum(early) / len(early)
 
 
 def verdict(diff: PairedDifference, higher_is_better: bool) -> str:

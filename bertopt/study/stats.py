@@ -45,6 +45,8 @@ class PairedDifference:
 def summarize(values: list[float]) -> Summary:
     if not values:
         raise ValueError("no values to summarize")
+    if not all(math.isfinite(v) for v in values):
+        return Summary(len(values), math.nan, math.nan)  # a diverged run: shown as nan, not averaged away
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return Summary(len(values), statistics.fmean(values), std)
 
