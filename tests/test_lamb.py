@@ -275,6 +275,16 @@ def test_low_precision_params_follow_float32(dtype, impl):
     assert max_abs_diff(fp32, low) < tol
 
 
+def test_native_kernel_builds_wherever_bertadams_does():
+    # The LAMB kernel is compiled together with _native's C source; if that interface
+    # drifts, the build fails (and Lamb falls back to torch's kernel): say so loudly here.
+    from bertopt.optim import _native
+
+    if _native.library() is None:
+        pytest.skip(_native.status())
+    assert _lamb_native.library() is not None, _lamb_native.status()
+
+
 def test_default_is_the_native_kernel_on_cpu_float32_and_it_leaves_u_in_grad():
     if _lamb_native.library() is None:
         pytest.skip(_lamb_native.status())

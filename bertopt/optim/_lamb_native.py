@@ -20,7 +20,8 @@ the norms are summed differently (float within blocks of 1024, double across blo
 adapted tensors agree with the reference to a few ulps and the others bit for bit.
 
 The C functions reuse the work splitting of ``_native.C_SOURCE`` (they are compiled
-together with it into a second library, cached like the first). ``BERTOPT_NATIVE=0``,
+together with it into a second library, cached like the first); if that C interface
+changes so that they no longer compile, :func:`library` says so and returns None. ``BERTOPT_NATIVE=0``,
 ``_native.use_native(False)``, or no C compiler: :func:`library` returns None and the
 caller uses the torch path.
 """
@@ -42,7 +43,7 @@ from torch import Tensor
 from bertopt.optim import _native
 
 LAMB_C_SOURCE = r"""
-/* ---- LAMB (appended to _native.C_SOURCE: item_t, job_t, make_items, run_job) ---- */
+/* ---- LAMB (appended to _native.C_SOURCE: item_t, job_t, make_items, total_elements, run_job) ---- */
 
 typedef struct {
     float *const *p; float *const *g; float *const *m; float *const *v;  /* pass 2 reads u from g */
@@ -147,9 +148,13 @@ int bertopt_lamb_moments_f32(float *const *p, float *const *g, float *const *m, 
     double *pp = calloc((size_t)(n_items > 0 ? n_items : 1), sizeof(double));
     double *up = calloc((size_t)(n_items > 0 ? n_items : 1), sizeof(double));
     if (!pp || !up) { free(items); free(pp); free(up); return -1; }
-    lamb_args a = {p, g, m, v, bc1, bc2, scale, clip, has_clip, beta1, one_minus_beta1,
-                   beta2, one_minus_beta2, eps, wd, pp, up};
-    job_t job = {items, n_items, 0, lamb_moments_item, &a};
+    lamb_args a = {.p = p, .g = g, .m = m, .v = v, .bc1 = bc1, .bc2 = bc2, .scale = scale,
+                   .clip = clip, .has_clip = has_clip, .beta1 = beta1, .one_minus_beta1 = one_minus_beta1,
+                   .beta2 = beta2, .one_minus_beta2 = one_minus_beta2, .eps = eps, .wd = wd,
+                   .p_sq = pp, .u_sq = up};
+    /* Designated fields: _native's job_t may gain fields; unnamed ones start at 0. */
+    job_t job = {.items = items, .n_items = n_items, .total = total_elements(numels, n_tensors),
+                 .work = lamb_moments_item, .args = &a};
     run_job(&job, n_threads);
     for (int64_t t = 0; t < n_tensors; t++) { p_sq[t] = 0.0; u_sq[t] = 0.0; }
     for (int64_t k = 0; k < n_items; k++) { p_sq[items[k].tensor] += pp[k]; u_sq[items[k].tensor] += up[k]; }
@@ -173,14 +178,16 @@ int bertopt_lamb_apply_f32(float *const *p, float *const *u, const int64_t *nume
     int64_t n_items = 0;
     item_t *items = make_items(numels, n_tensors, chunk, &n_items);
     if (!items) return -1;
-    lamb_args a = {p, u, NULL, NULL, NULL, NULL, scale, 1.0f, 0, 0, 0, 0, 0, 0, 0, NULL, NULL};
-    job_t job = {items, n_items, 0, lamb_apply_item, &a};
+    lamb_args a = {.p = p, .g = u, .scale = scale};
+    job_t job = {.items = items, .n_items = n_items, .total = total_elements(numels, n_tensors),
+                 .work = lamb_apply_item, .args = &a};
     run_job(&job, n_threads);
     free(items);
     return 0;
 }
 """
 
+_STRICT_FLAGS = ["-Werror=int-conversion", "-Werror=incompatible-pointer-types", "-Werror=implicit-function-declaration"]
 _lock = threading.Lock()
 _loaded: ctypes.CDLL | None = None
 _status = "not loaded yet"
@@ -195,7 +202,9 @@ def _build_and_load() -> tuple[ctypes.CDLL | None, str]:
     version = _native._compiler_version(cc)
     errors = []
     for extra in (["-march=native"], []):  # as _native: this CPU's vector width first
-        flags = _native._BASE_FLAGS + extra
+        # Mismatches with _native's C internals must fail the build (then we fall back),
+        # never compile with a warning into a kernel that silently does nothing.
+        flags = _native._BASE_FLAGS + _STRICT_FLAGS + extra
         key = hashlib.sha256("\0".join([source, cc, version, *flags, _native._cpu_signature()]).encode()).hexdigest()[:16]
         path = _native._cache_dir() / f"bertopt_lamb_{key}.so"
         try:
