@@ -80,14 +80,12 @@ class LoadMonitor:
     def __post_init__(self):
         self.loadavg_before = _loadavg()
         self._busy0 = _machine_busy_seconds()
-        t = os.times()
-        self._own0 = t.user + t.system
+        self._own0 = _own_cpu_seconds()
 
     def stop(self) -> dict:
         wall = time.perf_counter() - self.started
         busy1 = _machine_busy_seconds()
-        t = os.times()
-        own = t.user + t.system - self._own0
+        own = _own_cpu_seconds() - self._own0
         other = None
         if self._busy0 is not None and busy1 is not None and wall > 0:
             other = max(0.0, (busy1 - self._busy0) - own) / (wall * (os.cpu_count() or 1))
@@ -99,6 +97,12 @@ class LoadMonitor:
             # Share of all CPUs' time spent by other processes during the run (0..1).
             "other_processes_cpu_share": None if other is None else round(other, 3),
         }
+
+
+def _own_cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the memory measurement)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def _loadavg():
