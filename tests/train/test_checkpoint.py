@@ -127,12 +127,16 @@ def test_atomic_write_leaves_old_content_on_error(tmp_path):
 
 
 def _save_forever(directory, ready_fd):
-    """Child process: save checkpoints back to back; announce each save on ready_fd."""
-    big = torch.empty(6_000_000)  # 24 MB: a save takes long enough to be killed in the middle
+    """Child process: save checkpoints back to back; announce each save on ready_fd.
+
+    The forked child runs no parallel torch op: libgomp's thread pool, inherited from a parent
+    that used OpenMP, deadlocks on its first parallel region. numpy fills the tensor instead."""
+    import numpy as np
+
     step = 0
     while True:
         step += 1
-        big.fill_(float(step))
+        big = torch.from_numpy(np.full(6_000_000, step, dtype=np.float32))  # 24 MB: a save can be killed mid-way
         os.write(ready_fd, b"s")
         ckpt.save_checkpoint(directory, step, {"big": big, "step": step}, keep=2)
 
