@@ -40,8 +40,9 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser, *, lr: float, batch
                        help=f"weight decay, not applied to LayerNorm and bias parameters (default: {weight_decay:g})")
     group.add_argument("--weight-decay-mode", choices=WEIGHT_DECAY_MODES, default="decoupled",
                        help="decoupled: update += wd * param, as BERT (default); l2: wd * param added to the gradient")
-    group.add_argument("--bias-correction", action="store_true",
-                       help="Adam bias correction (BERT has none; with it BertAdam is AdamW)")
+    group.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
+                       help="Adam bias correction (default: the optimizer's own: off for adam, as BERT, "
+                            "where --bias-correction makes BertAdam AdamW; on for lamb)")
     group.add_argument("--max-grad-norm", type=float, default=1.0,
                        help="clip gradients to this global norm; 0 disables (default: 1.0)")
     group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -64,11 +65,20 @@ def validate_optimizer_args(args: argparse.Namespace, num_train_steps: int | Non
         raise ValueError(f"--weight-decay must be in [0, 1); got {args.weight_decay}")
     if not args.max_grad_norm >= 0:
         raise ValueError(f"--max-grad-norm must be >= 0 (0 disables clipping); got {args.max_grad_norm}")
+    if args.optimizer == "lamb" and args.weight_decay_mode != "decoupled":
+        raise ValueError("--weight-decay-mode l2 is for --optimizer adam; LAMB's decay is part of its update")
     if args.optimizer == "lamb":
         import bertopt
 
         if not hasattr(bertopt, "Lamb"):
             raise ValueError("--optimizer lamb: this version of bertopt has no LAMB optimizer yet; use --optimizer adam")
+
+
+def resolved_bias_correction(args: argparse.Namespace) -> bool:
+    """Whether the run uses bias correction: the flag, or the optimizer's default (adam off, lamb on)."""
+    if args.bias_correction is not None:
+        return bool(args.bias_correction)
+    return args.optimizer == "lamb"
 
 
 def optimizer_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -77,7 +87,7 @@ def optimizer_settings(args: argparse.Namespace) -> dict[str, Any]:
         "optimizer": args.optimizer, "lr": args.lr, "batch_size": args.batch_size,
         "warmup_proportion": args.warmup_proportion, "warmup_steps": args.warmup_steps,
         "schedule_style": args.schedule_style, "weight_decay": args.weight_decay,
-        "weight_decay_mode": args.weight_decay_mode, "bias_correction": bool(args.bias_correction),
+        "weight_decay_mode": args.weight_decay_mode, "bias_correction": resolved_bias_correction(args),
         "max_grad_norm": args.max_grad_norm, "seed": args.seed,
     }
 
@@ -89,8 +99,8 @@ def build_optimizer(model, args: argparse.Namespace, num_train_steps: int):
     validate_optimizer_args(args, num_train_steps)
     overrides: dict[str, Any] = {}
     # pass the non-default variants only, so the call is Google's recipe unless asked otherwise
-    if args.bias_correction:
-        overrides["bias_correction"] = True
+    if args.bias_correction is not None:
+        overrides["bias_correction"] = args.bias_correction
     if args.weight_decay_mode != "decoupled":
         overrides["weight_decay_mode"] = args.weight_decay_mode
     return bertopt.create_optimizer(
