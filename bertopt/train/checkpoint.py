@@ -55,19 +55,25 @@ def _fsync_dir(directory: Path) -> None:
 
 
 class _HashingWriter(io.RawIOBase):
-    """A write-only file object that hashes and counts what passes through it."""
+    """A write-only file object that hashes and counts what passes through it, and remembers the
+    OSError of a failed write (torch.save's zip writer turns it into a RuntimeError)."""
 
     def __init__(self, raw):
         self.raw = raw
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self.error: OSError | None = None
 
     def writable(self) -> bool:
         return True
 
     def write(self, data) -> int:
         view = memoryview(data)
-        self.raw.write(view)
+        try:
+            self.raw.write(view)
+        except OSError as exc:
+            self.error = exc
+            raise
         self.sha256.update(view)
         self.size += view.nbytes
         return view.nbytes
@@ -86,7 +92,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.RawIOBase], None])
     try:
         with open(tmp, "wb") as raw:
             writer = _HashingWriter(raw)
-            write(writer)
+            try:
+                write(writer)
+            except Exception as exc:
+                if writer.error is not None and exc is not writer.error:
+                    # the disk's own error (e.g. ENOSPC), not the wrapper a serializer made of it
+                    raise writer.error from exc
+                raise
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(tmp, path)
