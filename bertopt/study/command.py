@@ -28,12 +28,12 @@ def task_specs(quick: bool):
                       "--log-every", "2", "--eval-every", "0", "--threads", "1"), finetune_metrics, finetune_variants),
         ]
     return [
-        TaskSpec("pretrain", "MLM pretraining, BERT-tiny on the Wikipedia sample", 2e-3, 32, 240,
-                 ("--preset", "tiny", "--seq-len", "64", "--log-every", "10", "--eval-every", "0"),
+        TaskSpec("pretrain", "MLM pretraining, BERT-tiny on the Wikipedia sample", 1e-3, 32, 240,
+                 ("--preset", "tiny", "--seq-len", "64", "--log-every", "10", "--eval-every", "0", "--threads", "1"),
                  pretrain_metrics, pretrain_variants),
-        TaskSpec("finetune", "Fine-tuning MiniLM-L6 on Rotten Tomatoes", 1e-4, 32, 150,
-                 ("--max-seq-length", "48", "--log-every", "10", "--eval-every", "0"), finetune_metrics,
-                 finetune_variants),
+        TaskSpec("finetune", "Fine-tuning MiniLM-L6 on Rotten Tomatoes", 1e-4, 32, 100,
+                 ("--max-seq-length", "40", "--log-every", "10", "--eval-every", "0", "--threads", "1"),
+                 finetune_metrics, finetune_variants),
     ]
 
 
@@ -59,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
     specs = [s for s in task_specs(args.quick) if s.name in args.tasks]
     start = time.perf_counter()
     records = run_grid(specs, BY_NAME, seeds, out)
-    print("measuring the early steps with and without bias correction ...", flush=True)
-    early = early_steps.measure(**(dict(steps=12, warmup_steps=6, total_steps=60, preset="nano", batch_size=4, seq_len=32)
-                                   if args.quick else dict(steps=60, warmup_steps=30, total_steps=300)))
+    early = early_steps.measure_cached(out / "early-steps.json", **(
+        dict(steps=12, warmup_steps=6, total_steps=60, preset="nano", batch_size=4, seq_len=32)
+        if args.quick else dict(steps=60, warmup_steps=30, total_steps=300)))
     command = "bertopt study " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["study"] else "bertopt study"
     report = write_report(out, specs, BY_NAME, records, early, command=command, seeds=seeds,
                           wall_seconds=time.perf_counter() - start)

@@ -16,8 +16,11 @@ size of each run's actual parameter change ``||delta theta||``.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def analytic_ratio(t: int, beta1: float = 0.9, beta2: float = 0.999) -> float:
@@ -97,4 +100,17 @@ def measure(*, steps: int = 60, warmup_steps: int = 30, total_steps: int = 300, 
         (lr_used, u_plain, d_plain), (_, u_corrected, d_corrected) = measured
         t = step + 1
         records.append(EarlyStep(t, lr_used, analytic_ratio(t), u_plain / u_corrected, d_plain, d_corrected))
+    return records
+
+
+def measure_cached(path: Path, **settings) -> list[EarlyStep]:
+    """``measure(**settings)``, or its records from ``path`` when an earlier run with the same
+    settings saved them there (so a resumed or split study measures once)."""
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == settings:
+            return [EarlyStep(**r) for r in saved["records"]]
+    print("measuring the early steps with and without bias correction ...", flush=True)
+    records = measure(**settings)
+    path.write_text(json.dumps({"settings": settings, "records": [dataclasses.asdict(r) for r in records]}, indent=1))
     return records
