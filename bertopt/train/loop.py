@@ -363,14 +363,14 @@ _RESUME_ADVICE = ("--resume takes a checkpoints directory (the newest checkpoint
                   "<out>/checkpoints. To start from scratch instead, leave --resume out")
 
 
-def _intact(last_checkpoint: Path | None, checkpoint_dir: Path) -> str:
+def _intact(last_checkpoint: Path | None, checkpoint_dir: Path, *, sentence_start: bool = False) -> str:
     """'the last checkpoint (...) is intact' or 'no checkpoint was written yet'."""
     if last_checkpoint is None:
         latest = ckpt.latest_checkpoint(checkpoint_dir)
         last_checkpoint = latest.manifest_path if latest else None
-    if last_checkpoint is None:
-        return "no checkpoint was written yet"
-    return f"the last checkpoint ({last_checkpoint}) is intact"
+    text = "no checkpoint was written yet" if last_checkpoint is None else \
+        f"the last checkpoint ({last_checkpoint}) is intact"
+    return text[0].upper() + text[1:] if sentence_start else text
 
 
 def _on_nonfinite_loss(loss: float, step: int, config: LoopConfig, in_a_row: int, last_checkpoint: Path | None,
@@ -491,7 +491,7 @@ def run_training(
                                             keep=config.keep_checkpoints).manifest_path
             except OSError as exc:
                 previous = ckpt.latest_checkpoint(checkpoint_dir)
-                kept = f"the checkpoint of step {previous.step} is intact" if previous else "no earlier checkpoint exists"
+                kept = f"The checkpoint of step {previous.step} is intact" if previous else "No earlier checkpoint exists"
                 raise TrainingError(
                     f"could not write the checkpoint of step {step} to {checkpoint_dir}: {exc}. "
                     f"{kept}; free disk space or choose another --out, then run again with --resume"
@@ -604,7 +604,7 @@ def run_training(
                     break
     except OSError as exc:  # e.g. metrics.jsonl on a full disk (checkpoint writes raise TrainingError)
         raise TrainingError(
-            f"after step {step}: {exc}. {_intact(last_checkpoint, checkpoint_dir)}; fix that (free disk space, "
+            f"after step {step}: {exc}. {_intact(last_checkpoint, checkpoint_dir, sentence_start=True)}; fix that (free disk space, "
             "check permissions), then run the same command again with --resume"
         ) from exc
     finally:

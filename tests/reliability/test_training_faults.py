@@ -10,7 +10,10 @@ from __future__ import annotations
 import errno
 import math
 import os
+import shutil
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -201,7 +204,7 @@ def test_full_disk_while_writing_a_checkpoint(data, tmp_path, capsys, monkeypatc
     code, _, err = _run(capsys, data["argv"](out))
     assert code == 1
     _error_paragraph(err, "could not write the checkpoint of step 6", "No space left on device",
-                     "the checkpoint of step 3 is intact", "free disk space", "--resume")
+                     "The checkpoint of step 3 is intact", "free disk space", "--resume")
     monkeypatch.undo()
     assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")] == []
     assert assert_verified_checkpoint(out).info.step == 3
@@ -267,5 +270,43 @@ def test_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(data, tmp_pat
     assert "checkpoints already written are intact" in err
     assert assert_verified_checkpoint(out).info.step == 3
     monkeypatch.undo()
+    assert cli(data["argv"](out, "--resume")) == 0
+    assert_same_curve(curve(out), data["reference"])
+
+
+# --- a real full disk -----------------------------------------------------------------------
+
+
+def _can_mount_tmpfs(directory) -> bool:
+    """A user namespace in which this user may mount a tmpfs (Linux, util-linux `unshare`)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(directory)],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.slow
+def test_real_full_disk_on_a_small_tmpfs(data, tmp_path):
+    """No simulation: `bertopt pretrain` (a real process) writes into a 4 MB tmpfs, mounted in a
+    private user namespace, where two nano checkpoints (1.9 MB each) fit and the third does not. The
+    kernel's ENOSPC ends the run with the message the simulated tests check, the checkpoint of step
+    6 verifies, and --resume on a roomier disk continues the curve exactly."""
+    mount_point, saved = tmp_path / "small-disk", tmp_path / "saved"
+    mount_point.mkdir()
+    saved.mkdir()
+    if not _can_mount_tmpfs(mount_point):
+        pytest.skip("cannot mount a tmpfs in a user namespace here (needs unshare and unprivileged user namespaces)")
+    script = ('mnt=$1; dest=$2; shift 2; mount -t tmpfs -o size=4m tmpfs "$mnt" || exit 97; '
+              '"$@"; rc=$?; cp -a "$mnt/out" "$dest/"; exit $rc')
+    argv = data["argv"](mount_point / "out")
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(mount_point), str(saved),
+                           sys.executable, "-m", "bertopt", *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    _error_paragraph(done.stderr, "could not write the checkpoint of step 9", "No space left on device",
+                     "The checkpoint of step 6 is intact", "free disk space", "--resume")
+    out = saved / "out"
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")] == []
+    assert assert_verified_checkpoint(out).info.step == 6
     assert cli(data["argv"](out, "--resume")) == 0
     assert_same_curve(curve(out), data["reference"])
