@@ -358,3 +358,30 @@ def test_signal_during_data_preparation(data, tmp_path, capsys, monkeypatch, sig
     assert signal.getsignal(signal.SIGTERM) == handler_before  # the CLI put the handler back
     monkeypatch.undo()
     assert cli(argv) == 0
+
+
+def test_resume_before_any_checkpoint_starts_from_step_0(data, tmp_path, capsys):
+    """--resume on a run that was killed before its first checkpoint: a note, then a fresh start."""
+    out = tmp_path / "out"
+    code, stdout, err = _run(capsys, pretrain_argv(data["corpus"], data["cache"], out, "--resume", steps=3))
+    assert code == 0, err
+    assert "no checkpoint in" in stdout and "starting from step 0" in stdout
+    assert summary(out)["resumed_from"] is None and summary(out)["steps_completed"] == 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["study", "--seeds", "0"], "bertopt study: error: --seeds must be >= 1, got 0"),
+    (["schedule", "--steps", "0"], "bertopt schedule: error: num_train_steps must be a positive integer"),
+    (["bench", "--quick", "--sizes", "nope", "--no-plot"], "bertopt bench: error: size must be one of"),
+    (["finetune", "--data", "/nonexistent/reviews.csv"], "bertopt finetune: error: --data /nonexistent/reviews.csv"),
+], ids=["study", "schedule", "bench", "finetune"])
+def test_every_command_reports_bad_input_as_one_paragraph(tmp_path, capsys, monkeypatch, argv, message):
+    """Not only pretrain: every command's bad input is one paragraph and exit 2, and --debug
+    (before or after the command name) shows the traceback instead."""
+    monkeypatch.chdir(tmp_path)  # whatever a command might create goes here
+    code, _, err = _run(capsys, argv)
+    assert code == 2
+    assert err.startswith(message) and "Traceback" not in err and err.count("\n") == 1, err
+    for debug_argv in (["--debug", *argv], [argv[0], "--debug", *argv[1:]]):
+        with pytest.raises((ValueError, FileNotFoundError)):
+            cli(debug_argv)
