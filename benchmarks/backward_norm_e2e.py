@@ -23,6 +23,7 @@ import os
 import statistics
 import sys
 import time
+import weakref
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,7 +43,7 @@ class BackwardNorm:
     def __init__(self, params):
         self.params = list(params)
         self.enabled = False
-        self.records: dict[torch.Tensor, tuple[torch.Tensor, int, float]] = {}
+        self.records: dict[torch.Tensor, tuple[weakref.ref, int, float]] = {}
         self.lib = _native.library()
         if self.lib is None:
             raise SystemExit(f"needs the native kernel: {_native.status()}")
@@ -52,7 +53,8 @@ class BackwardNorm:
     def _hook(self, p):
         if self.enabled:
             g = p.grad
-            self.records[p] = (g, g._version, _native.sum_of_squares(self.lib, [g]))
+            # A weak reference: holding the gradient would keep it alive past zero_grad().
+            self.records[p] = (weakref.ref(g), g._version, _native.sum_of_squares(self.lib, [g]))
 
     def norm_or_none(self):
         """The global norm from the hooks, or None if any gradient changed since its hook."""
@@ -62,7 +64,7 @@ class BackwardNorm:
             if g is None:
                 continue
             record = self.records.get(p)
-            if record is None or record[0] is not g or record[1] != g._version:
+            if record is None or record[0]() is not g or record[1] != g._version:
                 return None
             total += record[2]
         return torch.tensor(math.sqrt(total), dtype=torch.float32)
