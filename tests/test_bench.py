@@ -137,6 +137,8 @@ def test_quick_run_writes_json_and_png(tmp_path, capsys):
     assert "x floor" in printed and "machine load" in printed
     report = json.loads((tmp_path / "bench.json").read_text())
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "bench.md").read_text()
+    assert "bertopt bench --quick" in md and f"| {FAST_PATH} |" in md and "| bert-tiny |" in md
 
     meta = report["meta"]
     assert meta["threads"] == 1 and meta["torch"] == torch.__version__

@@ -3,7 +3,8 @@
 For each model size (BERT shapes, ~1M to ~335M parameters) every method and an
 in-place-add bandwidth probe run interleaved; the terminal shows medians, bytes per
 second, the ratio to the 32-bytes-per-parameter floor and the speedups; ``bench.json``
-and ``bench.png`` (time per step vs parameters, log-log) go to ``--out``.
+``bench.png`` (time per step vs parameters, log-log) and ``bench.md`` (the tables in
+Markdown) go to ``--out``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--memory-size", default=None,
                         help="size at which to measure peak extra memory per method in a fresh process "
                              "(default bert-base; --quick bert-h32; 'none' to skip)")
-    parser.add_argument("--out", default="bench-results", help="directory for bench.json and bench.png")
+    parser.add_argument("--out", default="bench-results", help="directory for bench.json, bench.md and bench.png")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
 
 
@@ -198,7 +199,8 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results.write_json(out / "bench.json", report)
-    written = [str(out / "bench.json")]
+    (out / "bench.md").write_text(results.markdown(report) + "\n")
+    written = [str(out / "bench.json"), str(out / "bench.md")]
     if per_size and not args.no_plot:
         title = (f"BERT optimizer step, {_cpu_model()}, {opts['threads']} threads, torch {torch.__version__}")
         results.plot(out / "bench.png", per_size, title)

@@ -116,3 +116,55 @@ def plot(path: Path, results: list[dict], title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def markdown(report: dict) -> str:
+    """The run as Markdown: headline size in full, the sweep, memory, machine and load."""
+    meta, sizes = report["meta"], report["sizes"]
+    load = meta["load"]
+    out = [
+        f"Command: `{meta['command']}`  ",
+        f"{meta['date_utc']}, commit {meta['git_commit']}, torch {meta['torch']}, {meta['cpu']}, "
+        f"{meta['cpus']} CPUs, {meta['threads']} threads  ",
+        f"Machine load: load average {load['loadavg_before']} before, {load['loadavg_after']} after; other "
+        f"processes took {_pct(load['other_processes_cpu_share'])} of all CPU time during the run.",
+        "",
+    ]
+    headline = next((r for r in sizes if r["size"] == "bert-base"), sizes[-1] if sizes else None)
+    memory = (report.get("memory") or {}).get("methods", {})
+    if headline:
+        out += [
+            f"**{headline['size']}** ({headline['params']:,} parameters): in-place add "
+            f"{headline['bandwidth_GBps']:.1f} GB/s, floor {headline['floor_s'] * 1e3:.1f} ms "
+            f"(32 bytes/parameter)",
+            "",
+            "| method | ms/step (median) | q1..q3 | GB/s at 32 B/param | x floor | vs torch fused | vs ppb "
+            "| peak extra memory |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, s in sorted(headline["methods"].items(), key=lambda kv: kv[1]["median_s"]):
+            mem = memory.get(name)
+            mem_cell = "" if mem is None else f"{mem['percent_of_param_bytes']:.2f}% of param bytes"
+            out.append(
+                f"| {name} | {s['median_s'] * 1e3:.1f} | {s['q1_s'] * 1e3:.1f}..{s['q3_s'] * 1e3:.1f} "
+                f"| {s['nominal_GBps']:.1f} | {s['ratio_to_floor']:.2f} | {_x(s['speedup_vs_torch_fused'])} "
+                f"| {_x(s['speedup_vs_ppb'])} | {mem_cell} |"
+            )
+        out.append("")
+    if len(sizes) > 1:
+        names = [n for n in METHODS if any(n in r["methods"] for r in sizes)]
+        out += ["ms per step (ratio to the floor):", "",
+                "| size | params | floor ms | " + " | ".join(names) + " |",
+                "|---|---:|---:|" + "---:|" * len(names)]
+        for r in sizes:
+            cells = []
+            for n in names:
+                s = r["methods"].get(n)
+                cells.append("" if s is None else f"{s['median_s'] * 1e3:.1f} ({s['ratio_to_floor']:.2f})")
+            out.append(f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['floor_s'] * 1e3:.1f} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _pct(value) -> str:
+    return "?" if value is None else f"{value:.0%}"
