@@ -40,6 +40,8 @@ def task_specs(quick: bool):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny runs (about 2 minutes): checks the machinery, not the claims")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: 3; quick: 2)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="seeds are first-seed .. first-seed+seeds-1 (to split a study over processes; default: 0)")
     parser.add_argument("--out", type=Path, default=Path("runs/study"), help="output directory (default: runs/study)")
     parser.add_argument("--tasks", nargs="+", choices=("pretrain", "finetune"), default=("pretrain", "finetune"),
                         help="which tasks to run (default: both)")
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     from bertopt.study.report import write_report
     from bertopt.study.variants import BY_NAME
 
-    seeds = list(range(args.seeds if args.seeds is not None else (2 if args.quick else 3)))
+    count = args.seeds if args.seeds is not None else (2 if args.quick else 3)
+    seeds = list(range(args.first_seed, args.first_seed + count))
     if not seeds:
         raise ValueError(f"--seeds must be >= 1, got {args.seeds}")
     out: Path = args.out
