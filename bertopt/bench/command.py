@@ -14,7 +14,6 @@ import os
 import platform
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 
 HELP = "benchmark one BERT optimizer step (clip + Adam + decay) against torch and pytorch-pretrained-bert"
@@ -77,6 +76,20 @@ def resolve_options(args) -> dict:
         size_by_name(memory_size)
     return dict(sizes=sizes, methods=methods, reps=reps, min_reps=min_reps, budget=budget,
                 threads=threads, memory_size=memory_size)
+
+
+def command_line(args) -> str:
+    """The `bertopt bench` command that reproduces this run, from the parsed options."""
+    words = ["bertopt", "bench"]
+    if args.quick:
+        words.append("--quick")
+    for option in ("sizes", "methods", "reps", "min_reps", "budget", "threads", "memory_size", "out"):
+        value = getattr(args, option)
+        if value is not None:
+            words += ["--" + option.replace("_", "-"), str(value)]
+    if args.no_plot:
+        words.append("--no-plot")
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def _available_memory_bytes() -> int | None:
@@ -171,8 +184,7 @@ def run(args) -> int:
 
     report = {
         "meta": {
-            "command": "bertopt bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-            if len(sys.argv) > 1 and sys.argv[1] == "bench" else " ".join(shlex.quote(a) for a in sys.argv),
+            "command": command_line(args),
             "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "git_commit": _git_commit(),
             "python": platform.python_version(),
