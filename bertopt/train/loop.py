@@ -603,9 +603,10 @@ def run_training(
                     stopped_by = stop_name
                     break
     except OSError as exc:  # e.g. metrics.jsonl on a full disk (checkpoint writes raise TrainingError)
+        kept = _intact(last_checkpoint, checkpoint_dir, sentence_start=True)
         raise TrainingError(
-            f"after step {step}: {exc}. {_intact(last_checkpoint, checkpoint_dir, sentence_start=True)}; fix that (free disk space, "
-            "check permissions), then run the same command again with --resume"
+            f"after step {step}: {exc}. {kept}; fix that (free disk space, check permissions), then run the "
+            "same command again with --resume"
         ) from exc
     finally:
         bar.close()
