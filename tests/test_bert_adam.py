@@ -279,13 +279,18 @@ def test_grad_scaler_gives_the_unscaled_result():
     assert max_abs_diff(model.parameters(), twin.parameters()) < 1e-6
 
 
-def test_torch_compile_of_a_training_step():
+@pytest.mark.parametrize("optimizer_class", ["BertAdam", "Lamb"])
+def test_torch_compile_of_a_training_step(optimizer_class):
+    import bertopt
+
+    optimizer_class = getattr(bertopt, optimizer_class)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
     eager = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
     eager.load_state_dict(model.state_dict())
     x, y = torch.randn(4, 8), torch.randn(4, 2)
-    opt, opt_eager = BertAdam(model.parameters(), lr=0.01, max_grad_norm=1.0), BertAdam(eager.parameters(), lr=0.01, max_grad_norm=1.0)
+    opt = optimizer_class(model.parameters(), lr=0.01, max_grad_norm=1.0)
+    opt_eager = optimizer_class(eager.parameters(), lr=0.01, max_grad_norm=1.0)
 
     def train_step(m, o):
         loss = torch.nn.functional.mse_loss(m(x), y)

@@ -6,14 +6,13 @@ norm and dispatches to an implementation in ``_impl``; the math lives there.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from bertopt.optim import _impl
-from bertopt.optim.clip import clip_coefficient, global_grad_norm
+from bertopt.optim.base import GlobalClipOptimizer, check_hyperparameters, check_max_grad_norm  # noqa: F401
 
 try:
     from torch.distributed.tensor import DTensor
@@ -21,26 +20,6 @@ except ImportError:  # pragma: no cover
     DTensor = ()  # type: ignore[assignment,misc]
 
 WEIGHT_DECAY_MODES = ("decoupled", "l2")
-
-
-def check_hyperparameters(lr, betas, eps, weight_decay) -> None:
-    """Raise ValueError naming the argument and its allowed range."""
-    if not isinstance(lr, Tensor) and not 0.0 <= lr:
-        raise ValueError(f"lr must be >= 0, got {lr}")
-    if not 0.0 <= eps:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    if not 0.0 <= weight_decay:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    if len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    for i, beta in enumerate(betas):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"betas[{i}] must be in [0, 1), got {beta}")
-
-
-def check_max_grad_norm(max_grad_norm) -> None:
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm must be > 0 or None (no clipping), got {max_grad_norm}")
 
 
 def choose_implementation(params: list[Tensor], foreach: bool | None, fused: bool | None) -> str:
@@ -68,7 +47,7 @@ def choose_implementation(params: list[Tensor], foreach: bool | None, fused: boo
     return "reference"
 
 
-class BertAdam(Optimizer):
+class BertAdam(GlobalClipOptimizer):
     """Adam as BERT was trained with it (google-research/bert ``optimization.py``).
 
     Defaults reproduce Google's ``AdamWeightDecayOptimizer``: no bias correction,
@@ -108,27 +87,16 @@ class BertAdam(Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
     ):
-        check_hyperparameters(lr, betas, eps, weight_decay)
-        if weight_decay_mode not in WEIGHT_DECAY_MODES:
-            raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {weight_decay_mode!r}")
-        check_max_grad_norm(max_grad_norm)
-        if foreach and fused:
-            raise ValueError("foreach and fused cannot both be True; pick one (fused is faster where it exists)")
+        _check_mode(weight_decay_mode)
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
             bias_correction=bias_correction, weight_decay_mode=weight_decay_mode,
             foreach=foreach, fused=fused,
         )
-        super().__init__(params, defaults)
-        self.max_grad_norm = max_grad_norm
-        self.last_grad_norm: Tensor | None = None
-        self.skipped_steps = 0
+        super().__init__(params, defaults, max_grad_norm)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        merged = {**self.defaults, **param_group}
-        check_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
-        if merged["weight_decay_mode"] not in WEIGHT_DECAY_MODES:
-            raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {merged['weight_decay_mode']!r}")
+        _check_mode(param_group.get("weight_decay_mode", self.defaults["weight_decay_mode"]))
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -139,80 +107,32 @@ class BertAdam(Optimizer):
             group.setdefault("weight_decay_mode", "decoupled")
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
-        self.__dict__.setdefault("max_grad_norm", None)
-        self.__dict__.setdefault("last_grad_norm", None)
-        self.__dict__.setdefault("skipped_steps", 0)
 
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["bertopt"] = {"max_grad_norm": self.max_grad_norm, "skipped_steps": self.skipped_steps}
-        return sd
+    def _implementation(self, group: dict[str, Any], params: list[Tensor]) -> str:
+        return choose_implementation(params, group["foreach"], group["fused"])
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        extra = state_dict.get("bertopt")
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "bertopt"})
-        if extra is not None:
-            self.max_grad_norm = extra["max_grad_norm"]
-            self.skipped_steps = extra["skipped_steps"]
+    def _new_step(self, p: Tensor, impl: str) -> Tensor:
+        # The fused kernels want the step on the parameter's device; the others on CPU.
+        return torch.zeros((), dtype=torch.float32, device=p.device if impl == "fused" else "cpu")
 
-    def _gather(self, group: dict[str, Any], impl_hint: str):
-        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise ValueError("BertAdam does not support sparse gradients; use torch.optim.SparseAdam for those parameters")
-            state = self.state[p]
-            if len(state) == 0:
-                # The fused kernels want the step on the parameter's device; the others on CPU.
-                on_device = impl_hint == "fused"
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-        return params, grads, exp_avgs, exp_avg_sqs, steps
+    def _update(self, group, impl, tensors, clip_coef) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, steps = tensors
+        if impl == "fused":
+            steps = [_step_on(s, p.device) for s, p in zip(steps, params)]
+            for p, s in zip(params, steps):
+                self.state[p]["step"] = s
+        beta1, beta2 = group["betas"]
+        hyper = _impl.AdamHyper(
+            lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
+            decoupled=group["weight_decay_mode"] == "decoupled",
+        )
+        _impl.bert_adam(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, clip_coef, impl)
 
-    # Runs eagerly inside torch.compile'd code (a graph break): the fused kernels mutate
-    # their inputs in ways functionalization rejects, and the step is memory-bound anyway.
-    @torch.compiler.disable
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
 
-        gathered = []
-        for group in self.param_groups:
-            candidates = [p for p in group["params"] if p.grad is not None]
-            impl = choose_implementation(candidates, group["foreach"], group["fused"]) if candidates else "reference"
-            gathered.append((group, impl, self._gather(group, impl)))
-
-        all_grads = [g for _, _, tensors in gathered for g in tensors[1]]
-        total_norm = global_grad_norm(all_grads)
-        self.last_grad_norm = total_norm
-        if not torch.isfinite(total_norm):
-            self.skipped_steps += 1  # like GradScaler: nothing changes, not even the step count
-            return loss
-        clip_coef = None if self.max_grad_norm is None else clip_coefficient(total_norm, self.max_grad_norm)
-
-        for group, impl, (params, grads, exp_avgs, exp_avg_sqs, steps) in gathered:
-            if impl == "fused":
-                steps = [_step_on(s, p.device) for s, p in zip(steps, params)]
-                for p, s in zip(params, steps):
-                    self.state[p]["step"] = s
-            beta1, beta2 = group["betas"]
-            hyper = _impl.AdamHyper(
-                lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
-                decoupled=group["weight_decay_mode"] == "decoupled",
-            )
-            _impl.bert_adam(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, clip_coef, impl)
-        return loss
+def _check_mode(weight_decay_mode: str) -> None:
+    if weight_decay_mode not in WEIGHT_DECAY_MODES:
+        raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {weight_decay_mode!r}")
 
 
 def _step_on(step: Tensor, device: torch.device) -> Tensor:

@@ -8,16 +8,16 @@ BertAdam's argument checks, implementation choice, global norm and clip coeffici
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from bertopt.optim import _lamb
 from bertopt.optim._impl import AdamHyper
-from bertopt.optim.bert_adam import check_hyperparameters, check_max_grad_norm, choose_implementation
-from bertopt.optim.clip import clip_coefficient, global_grad_norm, local_part
+from bertopt.optim.base import GlobalClipOptimizer
+from bertopt.optim.bert_adam import choose_implementation
+from bertopt.optim.clip import local_part
 
 
 def check_trust_options(trust_clip, always_adapt) -> None:
@@ -38,7 +38,7 @@ def check_trust_options(trust_clip, always_adapt) -> None:
         raise ValueError(f"always_adapt must be True or False, got {always_adapt!r}")
 
 
-class Lamb(Optimizer):
+class Lamb(GlobalClipOptimizer):
     """LAMB: Adam with decoupled weight decay, rescaled per tensor by the trust ratio.
 
     For each parameter tensor: ``u = m_hat / (sqrt(v_hat) + eps) + weight_decay * p`` and
@@ -75,6 +75,8 @@ class Lamb(Optimizer):
     tensor) per device and dtype. The reference and foreach paths leave ``.grad`` alone.
     """
 
+    default_max_grad_norm = 1.0
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -90,25 +92,17 @@ class Lamb(Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
     ):
-        check_hyperparameters(lr, betas, eps, weight_decay)
-        check_max_grad_norm(max_grad_norm)
         check_trust_options(trust_clip, always_adapt)
-        if foreach and fused:
-            raise ValueError("foreach and fused cannot both be True; pick one (fused is faster where it exists)")
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
             bias_correction=bias_correction, trust_clip=None if trust_clip is None else tuple(trust_clip),
             always_adapt=always_adapt, foreach=foreach, fused=fused,
         )
-        super().__init__(params, defaults)
-        self.max_grad_norm = max_grad_norm
-        self.last_grad_norm: Tensor | None = None
-        self.skipped_steps = 0
+        super().__init__(params, defaults, max_grad_norm)
         self._workspaces: dict = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = {**self.defaults, **param_group}
-        check_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
         check_trust_options(merged["trust_clip"], merged["always_adapt"])
         if param_group.get("trust_clip") is not None:
             param_group["trust_clip"] = tuple(param_group["trust_clip"])
@@ -122,79 +116,31 @@ class Lamb(Optimizer):
             group.setdefault("always_adapt", False)
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
-        self.__dict__.setdefault("max_grad_norm", 1.0)
-        self.__dict__.setdefault("last_grad_norm", None)
-        self.__dict__.setdefault("skipped_steps", 0)
         self.__dict__.setdefault("_workspaces", {})
 
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["bertopt"] = {"max_grad_norm": self.max_grad_norm, "skipped_steps": self.skipped_steps}
-        return sd
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        extra = state_dict.get("bertopt")
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "bertopt"})
+        super().load_state_dict(state_dict)
         for group in self.param_groups:  # a checkpoint stores the pair as a list
             if group.get("trust_clip") is not None:
                 group["trust_clip"] = tuple(group["trust_clip"])
-        if extra is not None:
-            self.max_grad_norm = extra["max_grad_norm"]
-            self.skipped_steps = extra["skipped_steps"]
 
-    def _init_group(self, group: dict[str, Any]):
-        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise ValueError("Lamb does not support sparse gradients; use torch.optim.SparseAdam for those parameters")
-            state = self.state[p]
-            if len(state) == 0:
-                # The step lives on the CPU (no device sync to read it); the fused path
-                # hands the kernel a device copy.
-                state["step"] = torch.zeros((), dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-        return params, grads, exp_avgs, exp_avg_sqs, steps
+    def _implementation(self, group: dict[str, Any], params: list[Tensor]) -> str:
+        # Our fast paths work on the local shards of DTensors, so judge those.
+        return choose_implementation([local_part(p) for p in params], group["foreach"], group["fused"])
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _new_step(self, p: Tensor, impl: str) -> Tensor:
+        # The step lives on the CPU (no device sync to read it); the fused path hands the
+        # kernel a device copy.
+        return torch.zeros((), dtype=torch.float32)
 
-        gathered = []
-        for group in self.param_groups:
-            tensors = self._init_group(group)
-            # Our fast paths work on the local shards of DTensors, so judge those.
-            local_params = [local_part(p) for p in tensors[0]]
-            impl = choose_implementation(local_params, group["foreach"], group["fused"]) if local_params else "reference"
-            gathered.append((group, impl, tensors))
-
-        all_grads = [g for _, _, tensors in gathered for g in tensors[1]]
-        total_norm = global_grad_norm(all_grads)
-        self.last_grad_norm = total_norm
-        if not torch.isfinite(total_norm):
-            self.skipped_steps += 1  # like GradScaler: nothing changes, not even the step count
-            return loss
-        clip_coef = None if self.max_grad_norm is None else clip_coefficient(total_norm, self.max_grad_norm)
-
-        for group, impl, (params, grads, exp_avgs, exp_avg_sqs, steps) in gathered:
-            beta1, beta2 = group["betas"]
-            hyper = _lamb.LambHyper(
-                adam=AdamHyper(
-                    lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
-                    weight_decay=group["weight_decay"], bias_correction=group["bias_correction"], decoupled=True,
-                ),
-                adapt=group["weight_decay"] != 0 or group["always_adapt"],
-                trust_clip=group["trust_clip"],
-            )
-            _lamb.lamb(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, clip_coef, impl, self._workspaces)
-        return loss
+    def _update(self, group, impl, tensors, clip_coef) -> None:
+        beta1, beta2 = group["betas"]
+        hyper = _lamb.LambHyper(
+            adam=AdamHyper(
+                lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], bias_correction=group["bias_correction"], decoupled=True,
+            ),
+            adapt=group["weight_decay"] != 0 or group["always_adapt"],
+            trust_clip=group["trust_clip"],
+        )
+        _lamb.lamb(*tensors, hyper, clip_coef, impl, self._workspaces)

@@ -1,0 +1,144 @@
+"""What BertAdam and Lamb share: one ``torch.optim.Optimizer`` shape around a different update.
+
+- Adam state under torch's names (``step``, ``exp_avg``, ``exp_avg_sq``), so checkpoints move
+  between these optimizers and ``torch.optim.AdamW``;
+- one global gradient norm over all groups: TensorFlow-style clipping before the update, and a
+  step whose norm is inf/nan skipped whole and counted (``skipped_steps``), like GradScaler;
+- ``max_grad_norm`` and ``skipped_steps`` carried in ``state_dict()`` under the key "bertopt".
+
+A subclass says how to pick an implementation for a group (``_implementation``), where a new
+step counter lives (``_new_step``) and how to update one group (``_update``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from bertopt.optim.clip import clip_coefficient, global_grad_norm
+
+
+def check_hyperparameters(lr, betas, eps, weight_decay) -> None:
+    """Raise ValueError naming the argument and its allowed range."""
+    if not isinstance(lr, Tensor) and not 0.0 <= lr:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if not 0.0 <= eps:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if not 0.0 <= weight_decay:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"betas[{i}] must be in [0, 1), got {beta}")
+
+
+def check_max_grad_norm(max_grad_norm) -> None:
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 or None (no clipping), got {max_grad_norm}")
+
+
+class GlobalClipOptimizer(Optimizer):
+    """Base of BertAdam and Lamb (see the module docstring)."""
+
+    default_max_grad_norm: float | None = None  # for objects unpickled from older versions
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any],
+                 max_grad_norm: float | None):
+        check_hyperparameters(defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"])
+        check_max_grad_norm(max_grad_norm)
+        if defaults.get("foreach") and defaults.get("fused"):
+            raise ValueError("foreach and fused cannot both be True; pick one (fused is faster where it exists)")
+        super().__init__(params, defaults)
+        self.max_grad_norm = max_grad_norm
+        self.last_grad_norm: Tensor | None = None
+        self.skipped_steps = 0
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        merged = {**self.defaults, **param_group}
+        check_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
+        super().add_param_group(param_group)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("max_grad_norm", self.default_max_grad_norm)
+        self.__dict__.setdefault("last_grad_norm", None)
+        self.__dict__.setdefault("skipped_steps", 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["bertopt"] = {"max_grad_norm": self.max_grad_norm, "skipped_steps": self.skipped_steps}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        extra = state_dict.get("bertopt")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "bertopt"})
+        if extra is not None:
+            self.max_grad_norm = extra["max_grad_norm"]
+            self.skipped_steps = extra["skipped_steps"]
+
+    # --- what a subclass defines ---
+
+    def _implementation(self, group: dict[str, Any], params: list[Tensor]) -> str:
+        raise NotImplementedError
+
+    def _new_step(self, p: Tensor, impl: str) -> Tensor:
+        raise NotImplementedError
+
+    def _update(self, group: dict[str, Any], impl: str, tensors: tuple[list[Tensor], ...], clip_coef: Tensor | None) -> None:
+        raise NotImplementedError
+
+    # --- the shared step ---
+
+    def _gather(self, group: dict[str, Any], impl: str):
+        """Parameters with gradients and their state, creating the state on first use.
+
+        (Not named ``_init_group``: torch.compile special-cases that name in optimizers.)
+        """
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ValueError(f"{type(self).__name__} does not support sparse gradients; "
+                                 "use torch.optim.SparseAdam for those parameters")
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = self._new_step(p, impl)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        return params, grads, exp_avgs, exp_avg_sqs, steps
+
+    # Runs eagerly inside torch.compile'd code (a graph break): the fused kernels mutate
+    # their inputs in ways functionalization rejects, and the step is memory-bound anyway.
+    @torch.compiler.disable
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        gathered = []
+        for group in self.param_groups:
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            impl = self._implementation(group, with_grad) if with_grad else "reference"
+            gathered.append((group, impl, self._gather(group, impl)))
+
+        total_norm = global_grad_norm([g for _, _, tensors in gathered for g in tensors[1]])
+        self.last_grad_norm = total_norm
+        if not torch.isfinite(total_norm):
+            self.skipped_steps += 1  # like GradScaler: nothing changes, not even the step count
+            return loss
+        clip_coef = None if self.max_grad_norm is None else clip_coefficient(total_norm, self.max_grad_norm)
+        for group, impl, tensors in gathered:
+            self._update(group, impl, tensors, clip_coef)
+        return loss
