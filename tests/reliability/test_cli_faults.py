@@ -347,6 +347,9 @@ def test_signal_during_data_preparation(data, tmp_path, capsys, monkeypatch, sig
         return real_pack(*args, **kwargs)
 
     monkeypatch.setattr(data_mod, "_pack", pack_then_signal)
+    # A shell starts background jobs with SIGINT ignored, and Python then installs no Ctrl-C
+    # handler; give this process the interactive default, as a terminal would.
+    previous_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
     handler_before = signal.getsignal(signal.SIGTERM)
     cache = tmp_path / "cache"
     argv = pretrain_argv(data["corpus"], cache, tmp_path / "out", steps=2)
@@ -357,6 +360,7 @@ def test_signal_during_data_preparation(data, tmp_path, capsys, monkeypatch, sig
     assert [p.name for p in cache.rglob(".*")] == []  # no temporary files left behind
     assert signal.getsignal(signal.SIGTERM) == handler_before  # the CLI put the handler back
     monkeypatch.undo()
+    signal.signal(signal.SIGINT, previous_sigint)
     assert cli(argv) == 0
 
 
