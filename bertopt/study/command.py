@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,8 @@ def task_specs(quick: bool):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny runs (about 2 minutes): checks the machinery, not the claims")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: 3; quick: 2)")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                        help="run only these variants (default: all of each task's)")
     parser.add_argument("--first-seed", type=int, default=0,
                         help="seeds are first-seed .. first-seed+seeds-1 (to split a study over processes; default: 0)")
     parser.add_argument("--out", type=Path, default=Path("runs/study"), help="output directory (default: runs/study)")
@@ -60,6 +63,11 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     specs = [s for s in task_specs(args.quick) if s.name in args.tasks]
+    if args.variants:
+        unknown = set(args.variants) - set(BY_NAME)
+        if unknown:
+            raise ValueError(f"--variants: unknown {sorted(unknown)}; choose from {sorted(BY_NAME)}")
+        specs = [dataclasses.replace(s, variants=tuple(v for v in args.variants if v in s.variants)) for s in specs]
     start = time.perf_counter()
     records = run_grid(specs, BY_NAME, seeds, out)
     early = early_steps.measure_cached(out / "early-steps.json", **(
