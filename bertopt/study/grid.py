@@ -99,6 +99,8 @@ def run_one(spec: TaskSpec, variant: Variant, seed: int, out_dir: Path, *, log: 
         log(f"  {spec.name:<9} {variant.name:<10} seed {seed}: "
             + ", ".join(f"{m.key} {summary.get(m.key, float('nan')):.4f}" for m in spec.metrics)
             + f" ({seconds:.0f} s)")
+    if not seconds:  # a finished run from earlier: its own wall time
+        seconds = float(summary.get("wall_time_s") or summary.get("wall_time_s_this_process") or 0.0)
     curve, lr_curve = _read_curves(out_dir / "metrics.jsonl")
     return RunRecord(spec.name, variant.name, seed, summary, curve, lr_curve, seconds, out_dir)
 
