@@ -86,6 +86,10 @@ def test_derived_figures_follow_their_definitions():
     assert math.isclose(fast["nominal_GBps"], 32e6 / 0.009 / 1e9)
     assert math.isclose(fast["speedup_vs_torch_fused"], 0.011 / 0.009)
     assert math.isclose(fast["speedup_vs_ppb"], 0.1 / 0.009)
+    # paired by round: probe [2,3,4] ms -> floors [16/3, 8, 32/3] ms; fast [9,8,10] -> ratios 1.69, 1.0, 0.94
+    assert math.isclose(fast["ratio_to_floor_paired"], 1.0)
+    assert math.isclose(fast["speedup_vs_torch_fused_paired"], 0.010 / 0.009)  # ratios 1.11, 1.5, 1.1
+    assert math.isclose(fast["speedup_vs_ppb_paired"], 0.09 / 0.008)  # ratios 11.1, 11.25, 20
     text = results.table(r)
     assert FAST_PATH in text and "1.12" in text  # the ratio to the floor is printed
 
@@ -159,6 +163,9 @@ def test_quick_run_writes_json_and_png(tmp_path, capsys):
     # more parameters take longer: ~4.3x the work from bert-h32 to bert-tiny
     small, large = report["sizes"]
     assert large["methods"][FAST_PATH]["min_s"] > small["methods"][FAST_PATH]["min_s"]
+
+    # every derived figure is a function of the raw times stored alongside it
+    assert results.reanalyse(report)["sizes"] == report["sizes"]
 
     mem = report["memory"]
     if memory.available() is None:
