@@ -148,6 +148,7 @@ def test_fused_path_uses_native_kernel_and_falls_back_to_torchs(native_on):
 
 
 def test_without_a_compiler_the_fused_path_is_torchs(monkeypatch, tmp_path, native_on):
+    monkeypatch.delenv("BERTOPT_NATIVE", raising=False)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("BERTOPT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
@@ -167,6 +168,7 @@ def test_a_broken_compiler_is_reported_not_raised(monkeypatch, tmp_path, native_
     false = shutil.which("false")
     if false is None:
         pytest.skip("no `false` executable")
+    monkeypatch.delenv("BERTOPT_NATIVE", raising=False)
     monkeypatch.setenv("CC", false)
     monkeypatch.setenv("BERTOPT_CACHE_DIR", str(tmp_path))
     _native.reset_for_tests()
