@@ -52,6 +52,20 @@ class AdamHyper:
     decoupled: bool  # True: decay added to the update (BERT, AdamW); False: L2 on the gradient
 
 
+def adam_direction(g: Tensor, m: Tensor, v: Tensor, step: Tensor, h: AdamHyper) -> Tensor:
+    """Update the float32 moments in place and return ``m_hat / (sqrt(v_hat) + eps)``.
+
+    The part of the reference shared by BertAdam and LAMB."""
+    m.mul_(h.beta1).add_(g, alpha=1 - h.beta1)
+    v.mul_(h.beta2).addcmul_(g, g, value=1 - h.beta2)
+    m_hat, v_hat = m, v
+    if h.bias_correction:
+        t = step.item()
+        m_hat = m / (1 - h.beta1**t)
+        v_hat = v / (1 - h.beta2**t)
+    return m_hat / (v_hat.sqrt() + h.eps)
+
+
 def bert_adam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper, clip_coef: Tensor | None):
     """One tensor at a time, exactly the equations in the module docstring (float32 math)."""
     for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
@@ -62,14 +76,7 @@ def bert_adam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHype
             g = g * clip_coef
         if h.weight_decay != 0 and not h.decoupled:
             g = g + h.weight_decay * p32
-        m32.mul_(h.beta1).add_(g, alpha=1 - h.beta1)
-        v32.mul_(h.beta2).addcmul_(g, g, value=1 - h.beta2)
-        m_hat, v_hat = m32, v32
-        if h.bias_correction:
-            t = step.item()
-            m_hat = m32 / (1 - h.beta1**t)
-            v_hat = v32 / (1 - h.beta2**t)
-        update = m_hat / (v_hat.sqrt() + h.eps)
+        update = adam_direction(g, m32, v32, step, h)
         if h.weight_decay != 0 and h.decoupled:
             update = update + h.weight_decay * p32
         p32.add_(update, alpha=-h.lr)

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from bertopt.optim import _lamb_native, _native
-from bertopt.optim._impl import _NO_BIAS_CORRECTION_STEP, AdamHyper, group_by_device_and_dtype
+from bertopt.optim._impl import _NO_BIAS_CORRECTION_STEP, AdamHyper, adam_direction, group_by_device_and_dtype
 from bertopt.optim.clip import DTensor, local_part, whole_sums_of_squares
 
 # Elements per bucket of the fast paths: 16M (64 MiB of float32 workspace). Large enough
@@ -92,14 +92,7 @@ def lamb_reference(params, grads, exp_avgs, exp_avg_sqs, steps, h: LambHyper, cl
         g = g.float()
         if clip_coef is not None:
             g = g * clip_coef
-        m32.mul_(a.beta1).add_(g, alpha=1 - a.beta1)
-        v32.mul_(a.beta2).addcmul_(g, g, value=1 - a.beta2)
-        m_hat, v_hat = m32, v32
-        if a.bias_correction:
-            t = step.item()
-            m_hat = m32 / (1 - a.beta1**t)
-            v_hat = v32 / (1 - a.beta2**t)
-        update = m_hat / (v_hat.sqrt() + a.eps)
+        update = adam_direction(g, m32, v32, step, a)
         if a.weight_decay != 0:
             update = update + a.weight_decay * p32
         ratio = trust_ratio(whole_norm(p32), whole_norm(update), h.trust_clip) if h.adapt else 1.0
