@@ -304,6 +304,55 @@ def test_default_is_the_native_kernel_on_cpu_float32_and_it_leaves_u_in_grad():
         assert torch.equal(params[i].grad, grads[i])
 
 
+LARGE_SHAPES = [(3000, 1000), (3, 1_000_003), (1000,), (1500, 1024), (5,)]  # 6.5M elements: both threads join
+
+
+@pytest.mark.parametrize("trust_clip", [None, (0.5, 2.0)])
+def test_native_step_is_the_same_for_any_segment_size_and_thread_count(trust_clip):
+    # The one-call step works segment by segment, each split into parts that threads
+    # claim, with a barrier between the passes. Its per-tensor norms are summed in a
+    # fixed order, so the segment size and the number of threads must not change a bit;
+    # and it must equal the two-call path (moments, then apply) up to norm summation order.
+    lib = _lamb_native.library()
+    if lib is None:
+        pytest.skip(_lamb_native.status())
+    from bertopt.optim._impl import AdamHyper
+
+    h = AdamHyper(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, bias_correction=True,
+                  decoupled=True)
+    bias_corrections = ([1 - 0.9**3] * len(LARGE_SHAPES), [1 - 0.999**3] * len(LARGE_SHAPES))
+    gen = torch.Generator().manual_seed(0)
+    start = [[torch.randn(s, generator=gen) * scale for s in LARGE_SHAPES] for scale in (0.02, 1e-3, 1e-2, 1e-5)]
+    start[3] = [v.abs() for v in start[3]]  # v >= 0
+
+    def run(fn):
+        p, g, m, v = [[t.clone() for t in ts] for ts in start]
+        fn(p, g, m, v)
+        return p + g + m + v
+
+    results = {}
+    threads = torch.get_num_threads()
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            for segment in (1 << 30, 2_000_000, 1):
+                results[n_threads, segment] = run(lambda p, g, m, v: _lamb_native.step(
+                    lib, p, g, m, v, bias_corrections, h, 0.7, trust_clip, segment_numel=segment))
+    finally:
+        torch.set_num_threads(threads)
+    first = next(iter(results.values()))
+    for key, out in results.items():
+        assert all(torch.equal(a, b) for a, b in zip(first, out)), key
+
+    def two_calls(p, g, m, v):
+        p_sq, u_sq = _lamb_native.moments(lib, p, g, m, v, bias_corrections, h, 0.7, apply_scales=None)
+        norms = torch.cat([p_sq, u_sq]).sqrt().float()
+        _lamb_native.apply(lib, p, g, _lamb.trust_ratio(norms[:5], norms[5:], trust_clip) * h.lr)
+
+    for a, b in zip(first, run(two_calls)):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=0)
+
+
 # --- state ---------------------------------------------------------------------------------
 
 

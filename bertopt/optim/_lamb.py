@@ -27,7 +27,7 @@ piece is not the norm of the tensor, so the sums of squares are added across the
                trust-ratio norms of a bucket of tensors in one reduction.
 ``fused``      float32 CPU tensors: our C kernel (``_lamb_native``), two passes over
                memory (moments, u written over g and the norms; then p -= lr*r*u), no
-               temporaries. Elsewhere: torch's fused Adam kernel does the moment update
+               temporaries; unsharded tensors a cache-sized segment at a time. Elsewhere: torch's fused Adam kernel does the moment update
                and writes ``-u`` into a reused workspace (run with lr = 1 on a buffer that
                holds ``-wd * p``: ``-wd*p - m_hat/(sqrt(v_hat)+eps) = -u``); then the
                norms, then ``p += lr * r * (-u)``; memory: one workspace the size of one
@@ -216,6 +216,9 @@ def _lamb_native_step(lib, params, grads, exp_avgs, exp_avg_sqs, steps, owners, 
     if not h.adapt:
         _lamb_native.moments(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, a, clip,
                              apply_scales=[a.lr] * len(params))
+        return
+    if not any(isinstance(o, DTensor) for o in owners):  # both passes in one call, cache-blocked
+        _lamb_native.step(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, a, clip, h.trust_clip)
         return
     p_sq, u_sq = _lamb_native.moments(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, a, clip,
                                       apply_scales=None)  # u is now in grads

@@ -15,6 +15,14 @@ holds u for adapted tensors. Built from torch ops (the torch path in
 adapted (r = 1) take pass 1 with the update applied directly: one pass, as Adam, and
 their gradient is left alone.
 
+Unsharded tensors take both passes in one call (``bertopt_lamb_step_f32``), a segment
+of about 1M elements at a time, so that pass 2 finds p and u still in the cache: the
+44 bytes are an upper bound, the cache takes some of pass 2's reads off memory. Each
+thread reruns pass 2 on the parts it did in pass 1 (in its own core's caches), which
+needs a barrier between the passes; see ``lamb_segment``. Sharded tensors need their
+sums of squares reduced across processes between the passes: two calls, ``moments``
+and ``apply``.
+
 Every float32 operation is the reference's (``_lamb.lamb_reference``), in its order; only
 the norms are summed differently (float within blocks of 1024, double across blocks), so
 adapted tensors agree with the reference to a few ulps and the others bit for bit.
@@ -44,6 +52,7 @@ from bertopt.optim import _native
 
 LAMB_C_SOURCE = r"""
 /* ---- LAMB (appended to _native.C_SOURCE: item_t, job_t, make_items, total_elements, run_job) ---- */
+#include <sched.h>
 
 typedef struct {
     float *const *p; float *const *g; float *const *m; float *const *v;  /* pass 2 reads u from g */
@@ -169,21 +178,135 @@ static void lamb_apply_item(const job_t *job, const item_t *it, int64_t k) {
     float *restrict p = a->p[t] + s;
     const float *restrict u = a->g[t] + s;
     const float sc = a->scale[t];
-    for (int64_t i = 0; i < n; i++) p[i] = p[i] - u[i] * sc;
+    for (int64_t i = n - 1; i >= 0; i--) p[i] = p[i] - u[i] * sc;
 }
 
-/* Pass 2: p -= u * scale[t] (the reference's p.sub_(u * (lr * r))), u = the g of pass 1. */
+/* Pass 2: p -= u * scale[t] (the reference's p.sub_(u * (lr * r))), u = the g of pass 1.
+   Backwards, last item first: pass 1 went forwards, so the p and u it touched last are
+   still in the last-level cache and are read from there. */
 int bertopt_lamb_apply_f32(float *const *p, float *const *u, const int64_t *numels, int64_t n_tensors,
                            const float *scale, int n_threads, int64_t chunk) {
     int64_t n_items = 0;
     item_t *items = make_items(numels, n_tensors, chunk, &n_items);
     if (!items) return -1;
+    for (int64_t i = 0, j = n_items - 1; i < j; i++, j--) { item_t tmp = items[i]; items[i] = items[j]; items[j] = tmp; }
     lamb_args a = {.p = p, .g = u, .scale = scale};
     job_t job = {.items = items, .n_items = n_items, .total = total_elements(numels, n_tensors),
                  .work = lamb_apply_item, .args = &a};
     run_job(&job, n_threads);
     free(items);
     return 0;
+}
+
+/* lr * r for one tensor, in the float32 operations of _lamb.trust_ratio(...) * lr. */
+static float lamb_scale(double p_sq, double u_sq, float lr, int has_trust_clip, float low, float high) {
+    const float pn = (float)sqrt(p_sq), un = (float)sqrt(u_sq);
+    float r = (pn > 0.0f && un > 0.0f) ? pn / un : 1.0f;
+    if (has_trust_clip) r = fminf(fmaxf(r, low), high);
+    return r * lr;
+}
+
+/* One cache-sized segment of tensors, both passes in one job. Its items are split into
+   n_parts consecutive parts; a thread claims parts, runs pass 1 on them, waits until
+   every part is done (the last one to finish forms the trust ratios), then runs pass 2
+   on the parts it claimed, backwards. Each thread so rereads p and u from its own
+   caches; with items taken in any order (run_job's default), pass 2 would mostly read
+   lines that the other core loaded. Only claimed parts are waited for, and a part is
+   claimed by a running thread, so a helper that never joins cannot stall the others. */
+#define LAMB_MAX_PARTS 64
+typedef struct {
+    lamb_args pass1, pass2;            /* pass1.scale = NULL (u over g), pass2.scale = lr * r */
+    const item_t *items;
+    int64_t n_items, n_parts, n_tensors;
+    atomic_long next_part, parts_done;
+    atomic_int scales_ready;
+    double *p_sq, *u_sq;               /* per tensor of the segment */
+    float lr, trust_low, trust_high;
+    int has_trust_clip;
+} lamb_segment;
+
+static void lamb_segment_finish_pass1(lamb_segment *s) {
+    for (int64_t t = 0; t < s->n_tensors; t++) { s->p_sq[t] = 0.0; s->u_sq[t] = 0.0; }
+    for (int64_t k = 0; k < s->n_items; k++) {  /* fixed order: deterministic */
+        s->p_sq[s->items[k].tensor] += s->pass1.p_sq[k];
+        s->u_sq[s->items[k].tensor] += s->pass1.u_sq[k];
+    }
+    float *scale = (float *)s->pass2.scale;
+    for (int64_t t = 0; t < s->n_tensors; t++)
+        scale[t] = lamb_scale(s->p_sq[t], s->u_sq[t], s->lr, s->has_trust_clip, s->trust_low, s->trust_high);
+    atomic_store_explicit(&s->scales_ready, 1, memory_order_release);
+}
+
+static void lamb_segment_participate(job_t *job) {
+    lamb_segment *s = (lamb_segment *)job->args;
+    const job_t pass1 = {.args = &s->pass1}, pass2 = {.args = &s->pass2};
+    int64_t mine[LAMB_MAX_PARTS];
+    int64_t n_mine = 0;
+    for (;;) {
+        const long part = atomic_fetch_add(&s->next_part, 1);
+        if (part >= s->n_parts) break;
+        for (int64_t k = part * s->n_items / s->n_parts; k < (part + 1) * s->n_items / s->n_parts; k++)
+            lamb_moments_item(&pass1, &s->items[k], k);
+        mine[n_mine++] = part;
+        if (atomic_fetch_add(&s->parts_done, 1) + 1 == s->n_parts) lamb_segment_finish_pass1(s);
+    }
+    if (n_mine == 0) return;
+    while (!atomic_load_explicit(&s->scales_ready, memory_order_acquire)) sched_yield();
+    for (int64_t j = n_mine - 1; j >= 0; j--)
+        for (int64_t k = (mine[j] + 1) * s->n_items / s->n_parts - 1; k >= mine[j] * s->n_items / s->n_parts; k--)
+            lamb_apply_item(&pass2, &s->items[k], k);
+}
+
+/* A whole LAMB step on adapted, unsharded tensors, segment by segment: consecutive
+   tensors of at most `segment` elements (or one larger tensor) get pass 1, their trust
+   ratios and pass 2 while their p and u are still in the cache (lamb_segment). Same
+   arithmetic as moments + apply. Returns 0, or -1 if memory ran out. */
+int bertopt_lamb_step_f32(float *const *p, float *const *g, float *const *m, float *const *v,
+                          const int64_t *numels, int64_t n_tensors,
+                          const float *bc1, const float *bc2, int has_clip, float clip,
+                          float beta1, float beta2, float eps, float wd,
+                          float one_minus_beta1, float one_minus_beta2,
+                          float lr, int has_trust_clip, float trust_low, float trust_high,
+                          int64_t segment, int n_threads, int64_t chunk) {
+    const size_t n = (size_t)(n_tensors > 0 ? n_tensors : 1);
+    double *p_sq = malloc(n * sizeof(double)), *u_sq = malloc(n * sizeof(double));
+    float *scale = malloc(n * sizeof(float));
+    int err = (!p_sq || !u_sq || !scale) ? -1 : 0;
+    for (int64_t first = 0; first < n_tensors && err == 0;) {
+        int64_t end = first + 1, total = numels[first];
+        while (end < n_tensors && total + numels[end] <= segment) total += numels[end++];
+        int64_t n_items = 0;
+        item_t *items = make_items(numels + first, end - first, chunk, &n_items);
+        double *pp = calloc((size_t)(n_items > 0 ? n_items : 1), sizeof(double));
+        double *up = calloc((size_t)(n_items > 0 ? n_items : 1), sizeof(double));
+        if (!items || !pp || !up) {
+            err = -1;
+        } else {
+            lamb_args a = {.p = p + first, .g = g + first, .m = m + first, .v = v + first,
+                           .bc1 = bc1 ? bc1 + first : NULL, .bc2 = bc2 ? bc2 + first : NULL,
+                           .clip = clip, .has_clip = has_clip, .beta1 = beta1, .one_minus_beta1 = one_minus_beta1,
+                           .beta2 = beta2, .one_minus_beta2 = one_minus_beta2, .eps = eps, .wd = wd,
+                           .p_sq = pp, .u_sq = up};
+            int64_t n_parts = 2 * (int64_t)(n_threads > 0 ? n_threads : 1);  /* some slack to balance */
+            if (n_parts > LAMB_MAX_PARTS) n_parts = LAMB_MAX_PARTS;
+            if (n_parts > n_items) n_parts = n_items;
+            lamb_segment s = {.pass1 = a, .pass2 = a, .items = items, .n_items = n_items, .n_parts = n_parts,
+                              .n_tensors = end - first, .p_sq = p_sq + first, .u_sq = u_sq + first,
+                              .lr = lr, .trust_low = trust_low, .trust_high = trust_high,
+                              .has_trust_clip = has_trust_clip};
+            s.pass2.scale = scale + first;
+            atomic_init(&s.next_part, 0);
+            atomic_init(&s.parts_done, 0);
+            atomic_init(&s.scales_ready, 0);
+            job_t job = {.items = items, .n_items = n_parts, .total = total, .args = &s,
+                         .participate = lamb_segment_participate};
+            run_job(&job, n_threads);
+        }
+        free(items); free(pp); free(up);
+        first = end;
+    }
+    free(p_sq); free(u_sq); free(scale);
+    return err;
 }
 """
 
@@ -229,6 +352,9 @@ def _build_and_load() -> tuple[ctypes.CDLL | None, str]:
                                                  f32, f32, f32, f32, f32, f32, ptrs, ptrs, c_int, i64]
         lib.bertopt_lamb_apply_f32.restype = c_int
         lib.bertopt_lamb_apply_f32.argtypes = [ptrs, ptrs, ptrs, i64, ptrs, c_int, i64]
+        lib.bertopt_lamb_step_f32.restype = c_int
+        lib.bertopt_lamb_step_f32.argtypes = [ptrs, ptrs, ptrs, ptrs, ptrs, i64, ptrs, ptrs, c_int, f32,
+                                              f32, f32, f32, f32, f32, f32, f32, c_int, f32, f32, i64, c_int, i64]
         return lib, f"loaded {path}"
     return None, "compiling the LAMB kernel failed: " + " | ".join(errors)
 
@@ -293,3 +419,33 @@ def apply(lib, params: list[Tensor], updates: list[Tensor], scales: Tensor) -> N
     if err != 0:
         raise MemoryError("bertopt LAMB kernel: out of memory for its work list")
     torch.autograd.graph.increment_version(params)
+
+
+# Elements per segment of :func:`step`: pass 1 streams p, g, m, v (16 bytes per element)
+# through the cache; with 1M elements (16 MiB) the p and u that pass 2 needs are still in
+# a last-level cache of 32 MiB.
+SEGMENT_NUMEL = 1 << 20
+# Items of 64K elements: a segment splits into parts of nearly equal size.
+SEGMENT_CHUNK = 1 << 16
+
+
+def step(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, h, clip_coef: float | None,
+         trust_clip: tuple[float, float] | None, segment_numel: int = SEGMENT_NUMEL) -> None:
+    """Both passes on unsharded, adapted tensors, a cache-sized segment at a time
+    (``bertopt_lamb_step_f32``); u is left in ``grads``."""
+    n = len(params)
+    bc1 = bc2 = None
+    if bias_corrections is not None:
+        bc1, bc2 = _floats(bias_corrections[0]), _floats(bias_corrections[1])
+    low, high = trust_clip if trust_clip is not None else (0.0, 0.0)
+    err = lib.bertopt_lamb_step_f32(
+        _native._pointer_array(params), _native._pointer_array(grads), _native._pointer_array(exp_avgs),
+        _native._pointer_array(exp_avg_sqs), _native._numels(params), n, bc1, bc2,
+        clip_coef is not None, 1.0 if clip_coef is None else clip_coef,
+        h.beta1, h.beta2, h.eps, h.weight_decay, 1.0 - h.beta1, 1.0 - h.beta2,
+        h.lr, trust_clip is not None, low, high, segment_numel, torch.get_num_threads(), SEGMENT_CHUNK,
+    )
+    if err != 0:
+        raise MemoryError("bertopt LAMB kernel: out of memory for its work list")
+    for tensors in (exp_avgs, exp_avg_sqs, params, grads):  # written through raw pointers
+        torch.autograd.graph.increment_version(tensors)

@@ -93,9 +93,13 @@ struct job {
     atomic_long next;
     void (*work)(const job_t *, const item_t *, int64_t);
     void *args;
+    /* If set, every participating thread calls this once instead of taking items
+       (jobs that schedule their own work, such as LAMB's two-pass segments). */
+    void (*participate)(job_t *);
 };
 
 static void drain(job_t *job) {
+    if (job->participate) { job->participate(job); return; }
     for (;;) {
         long k = atomic_fetch_add_explicit(&job->next, 1, memory_order_relaxed);
         if (k >= job->n_items) break;
