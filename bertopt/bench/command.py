@@ -16,7 +16,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
-HELP = "benchmark one BERT optimizer step (clip + Adam + decay) against torch and pytorch-pretrained-bert"
+HELP = "benchmark one BERT optimizer step (clip + Adam + decay; and LAMB) against torch and pytorch-pretrained-bert"
 
 QUICK_SIZES = ["bert-h32", "bert-tiny"]
 # Bytes per parameter the timing run holds at once: shared p, g, m, v (16), the probe's
@@ -202,6 +202,8 @@ def run(args) -> int:
                 "nominal_GBps": "32 bytes * params / median step time",
                 "ratio_to_floor": "median step time / floor_s",
                 "speedup_vs_torch_fused": "median of torch-adamw-fused / median of the method",
+                "lamb_vs_bertadam": "bertopt-lamb-fused / bertopt-fused: ratio of medians and median of "
+                                    "per-round ratios (target <= 1.5); byte_ratio = 44 / 32 bytes per parameter",
             },
         },
         "sizes": per_size,

@@ -68,15 +68,17 @@ def _torch_adamw(kind: str):
     return build
 
 
-def _bertopt(foreach: bool | None, fused: bool | None, native: bool = True):
+def _bertopt(optimizer: str, foreach: bool | None, fused: bool | None, native: bool = True):
+    """A bertopt optimizer ("BertAdam" or "Lamb") with BERT's settings and clipping."""
     def build(params, names, moments):
-        opt = bertopt.BertAdam(_groups(params, names), lr=LR, betas=BETAS, eps=EPS,
-                               max_grad_norm=MAX_GRAD_NORM, foreach=foreach, fused=fused)
+        cls = getattr(bertopt, optimizer)
+        opt = cls(_groups(params, names), lr=LR, betas=BETAS, eps=EPS,
+                  max_grad_norm=MAX_GRAD_NORM, foreach=foreach, fused=fused)
         _prefill(opt, params, moments)
         if native:
             return opt.step
 
-        def step():  # the same optimizer on torch's fused kernel
+        def step():  # the same optimizer on torch's fused kernels
             previous = _native.use_native(False)
             try:
                 opt.step()
@@ -121,18 +123,25 @@ METHODS: dict[str, Method] = {
         Method("torch-adamw-foreach", "torch clip_grad_norm_ + AdamW(foreach=True)", _torch_adamw("foreach"), 40),
         Method("ppb-bertadam", "pytorch-pretrained-bert 0.6.2 BertAdam (per-tensor clip)", _ppb_bert_adam, 40, slow=True),
         Method("bertopt-reference", "bertopt BertAdam(foreach=False): one tensor at a time",
-               _bertopt(foreach=False, fused=False), 32, slow=True),
-        Method("bertopt-foreach", "bertopt BertAdam(foreach=True)", _bertopt(foreach=True, fused=None), 32),
+               _bertopt("BertAdam", foreach=False, fused=False), 32, slow=True),
+        Method("bertopt-foreach", "bertopt BertAdam(foreach=True)", _bertopt("BertAdam", foreach=True, fused=None), 32),
         Method("bertopt-fused-torch", "bertopt BertAdam(fused=True) on torch's fused kernel (grad_scale)",
-               _bertopt(foreach=None, fused=True, native=False), 36),
+               _bertopt("BertAdam", foreach=None, fused=True, native=False), 36),
         Method("bertopt-fused", "bertopt BertAdam(fused=True): native CPU kernel (the default)",
-               _bertopt(foreach=None, fused=True), 32),
+               _bertopt("BertAdam", foreach=None, fused=True), 32),
+        # LAMB needs the whole update u before p may change (r = ||p|| / ||u||): a second pass.
+        Method("bertopt-lamb-foreach", "bertopt Lamb(foreach=True)", _bertopt("Lamb", foreach=True, fused=None), 44),
+        Method("bertopt-lamb-fused-torch", "bertopt Lamb(fused=True) on torch's fused Adam kernel + a workspace",
+               _bertopt("Lamb", foreach=None, fused=True, native=False), 60),
+        Method("bertopt-lamb-fused", "bertopt Lamb(fused=True): native CPU kernel (the default), u left in .grad",
+               _bertopt("Lamb", foreach=None, fused=True), 44),
     ]
 }
 
 BASELINE = "torch-adamw-fused"
 PPB = "ppb-bertadam"
 FAST_PATH = "bertopt-fused"
+LAMB_FAST_PATH = "bertopt-lamb-fused"  # its target: <= 1.5x FAST_PATH on the same tensors
 
 
 def unavailable_reason(name: str) -> str | None:

@@ -7,7 +7,9 @@ import statistics
 from pathlib import Path
 
 from bertopt.bench.harness import FLOOR_BYTES_PER_PARAM, PROBE, PROBE_BYTES_PER_ELEMENT, summarize
-from bertopt.bench.methods import BASELINE, FAST_PATH, METHODS, PPB
+from bertopt.bench.methods import BASELINE, FAST_PATH, LAMB_FAST_PATH, METHODS, PPB
+
+LAMB_TARGET = 1.5  # a LAMB step at most 1.5x a BertAdam step on the same tensors
 
 
 def analyse_size(size_name: str, raw: dict) -> dict:
@@ -53,7 +55,31 @@ def analyse_size(size_name: str, raw: dict) -> dict:
         "bandwidth_GBps": bandwidth / 1e9,
         "floor_s": floor_s,
         "methods": methods,
+        "lamb_vs_bertadam": lamb_vs_bertadam(methods),
     }
+
+
+def lamb_vs_bertadam(methods: dict) -> dict | None:
+    """LAMB's fast path against BertAdam's on the same tensors, both clipping: the ratio of
+    medians, the median of per-round ratios, the target, and the ratio of their bytes."""
+    if LAMB_FAST_PATH not in methods or FAST_PATH not in methods:
+        return None
+    lamb, adam = methods[LAMB_FAST_PATH], methods[FAST_PATH]
+    return {
+        "ratio": lamb["median_s"] / adam["median_s"],
+        "ratio_paired": paired_median_ratio(lamb["times_s"], adam["times_s"]),
+        "target": LAMB_TARGET,
+        "byte_ratio": METHODS[LAMB_FAST_PATH].nominal_bytes / METHODS[FAST_PATH].nominal_bytes,
+    }
+
+
+def lamb_line(result: dict) -> str | None:
+    v = result.get("lamb_vs_bertadam")
+    if v is None:
+        return None
+    verdict = "meets" if v["ratio_paired"] <= v["target"] else "misses"
+    return (f"{LAMB_FAST_PATH} / {FAST_PATH}: {v['ratio']:.2f}x (paired by round {v['ratio_paired']:.2f}x), "
+            f"{verdict} the target <= {v['target']:.2f}x; bytes moved {v['byte_ratio']:.3f}x")
 
 
 def paired_median_ratio(numerators: list[float], denominators: list[float]) -> float:
@@ -83,20 +109,22 @@ def table(result: dict, memory: dict | None = None) -> str:
             cell = "" if m is None else f"{m['percent_of_param_bytes']:.1f}%"
             row += f"{cell:>10}"
         lines.append(row)
+    if lamb_line(result):
+        lines.append(lamb_line(result))
     return "\n".join(lines)
 
 
 def sweep_table(results: list[dict]) -> str:
     """ms/step of every method at every size, plus the floor."""
     names = [n for n in METHODS if any(n in r["methods"] for r in results)]
-    header = f"{'size':<12}{'params':>10}{'floor':>9}" + "".join(f"{n:>21}" for n in names)
+    header = f"{'size':<12}{'params':>10}{'floor':>9}" + "".join(f"{n:>26}" for n in names)
     lines = ["ms per step (x floor)", header, "-" * len(header)]
     for r in results:
         row = f"{r['size']:<12}{r['params'] / 1e6:>9.1f}M{r['floor_s'] * 1e3:>9.2f}"
         for n in names:
             s = r["methods"].get(n)
             cell = "" if s is None else f"{s['median_s'] * 1e3:.2f} ({s['ratio_to_floor']:.2f})"
-            row += f"{cell:>21}"
+            row += f"{cell:>26}"
         lines.append(row)
     return "\n".join(lines)
 
@@ -172,6 +200,8 @@ def markdown(report: dict) -> str:
                 f"{_x(s['speedup_vs_torch_fused_paired'])}, {_x(s['speedup_vs_ppb_paired'])} | {mem_cell} |"
             )
         out.append("")
+        if lamb_line(headline):
+            out += [lamb_line(headline), ""]
     if len(sizes) > 1:
         names = [n for n in METHODS if any(n in r["methods"] for r in sizes)]
         out += ["ms per step (ratio to the floor):", "",
