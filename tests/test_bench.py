@@ -151,6 +151,7 @@ def test_quick_run_writes_json_and_png(tmp_path, capsys):
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "bench.md").read_text()
     assert "bertopt bench --quick" in md and f"| {FAST_PATH} |" in md and "| bert-tiny |" in md
+    assert f"{LAMB_FAST_PATH} / {FAST_PATH} (paired) |" in md  # the LAMB target's column in the sweep
 
     meta = report["meta"]
     assert meta["threads"] == 1 and meta["torch"] == torch.__version__
@@ -180,6 +181,7 @@ def test_quick_run_writes_json_and_png(tmp_path, capsys):
         assert mem["size"] == "bert-h32" and set(mem["methods"]) == set(METHODS)
         # one pass, no temporaries; foreach keeps list-sized temporaries
         assert mem["methods"][FAST_PATH]["percent_of_param_bytes"] < 5
+        assert mem["methods"][LAMB_FAST_PATH]["percent_of_param_bytes"] < 5  # u goes over g: no workspace
         assert mem["methods"]["bertopt-foreach"]["percent_of_param_bytes"] > 50
 
 

@@ -204,14 +204,19 @@ def markdown(report: dict) -> str:
             out += [lamb_line(headline), ""]
     if len(sizes) > 1:
         names = [n for n in METHODS if any(n in r["methods"] for r in sizes)]
+        with_lamb = any(r.get("lamb_vs_bertadam") for r in sizes)
+        lamb_header = f" {LAMB_FAST_PATH} / {FAST_PATH} (paired) |" if with_lamb else ""
         out += ["ms per step (ratio to the floor):", "",
-                "| size | params | floor ms | " + " | ".join(names) + " |",
-                "|---|---:|---:|" + "---:|" * len(names)]
+                "| size | params | floor ms | " + " | ".join(names) + " |" + lamb_header,
+                "|---|---:|---:|" + "---:|" * (len(names) + with_lamb)]
         for r in sizes:
             cells = []
             for n in names:
                 s = r["methods"].get(n)
                 cells.append("" if s is None else f"{s['median_s'] * 1e3:.1f} ({s['ratio_to_floor']:.2f})")
+            if with_lamb:
+                v = r.get("lamb_vs_bertadam")
+                cells.append("" if v is None else f"{v['ratio']:.2f}x ({v['ratio_paired']:.2f}x)")
             out.append(f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['floor_s'] * 1e3:.1f} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
