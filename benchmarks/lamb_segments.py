@@ -1,0 +1,102 @@
+"""Does running LAMB's two passes a cache-sized segment at a time pay? (issue 4)
+
+LAMB's C kernel needs two passes over each adapted tensor: pass 1 (moments, u over g,
+sums of p^2 and u^2), then pass 2 (p -= lr * r * u). Run over the whole model, pass 2
+rereads p and u from memory. Run a segment of ~1M elements at a time, with each thread
+redoing pass 2 on the parts it did in pass 1, most of them are still in its caches.
+
+This script times, interleaved round by round on the same BERT-shaped tensors:
+
+    segmented   Lamb(fused=True) as shipped (``_lamb_native.SEGMENT_NUMEL`` elements per segment)
+    one-segment the same one-call kernel with a single segment per bucket
+    two-calls   pass 1 on everything, then pass 2 on everything (the sharded path's calls)
+    bertadam    BertAdam(fused=True), the yardstick of the 1.5x target
+
+and reports medians and the median per-round ratio to BertAdam.
+
+    python benchmarks/lamb_segments.py --size bert-base --reps 25 --threads 2 --out benchmarks/results/lamb_segments.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from bertopt.bench import harness
+from bertopt.bench.methods import FAST_PATH, LAMB_FAST_PATH, METHODS
+from bertopt.optim import _lamb, _lamb_native
+
+
+def two_calls(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, h, clip_coef, trust_clip,
+              segment_numel=None):
+    """The step as two kernel calls over all tensors: what the segmented step replaces."""
+    p_sq, u_sq = _lamb_native.moments(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, h, clip_coef,
+                                      apply_scales=None)
+    norms = torch.cat([p_sq, u_sq]).sqrt().float()
+    n = len(params)
+    _lamb_native.apply(lib, params, grads, _lamb.trust_ratio(norms[:n], norms[n:], trust_clip) * h.lr)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="bert-base")
+    parser.add_argument("--reps", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", default=None, help="JSON file for the raw times and the summary")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if _lamb_native.library() is None:
+        raise SystemExit(f"the LAMB kernel is unavailable: {_lamb_native.status()}")
+
+    shipped = _lamb_native.step
+    variants = {
+        "segmented": shipped,
+        "one-segment": lambda *a, **k: shipped(*a, segment_numel=1 << 62),
+        "two-calls": two_calls,
+    }
+    tensors = harness.make_tensors(args.size)
+    steps = {}
+    for name, variant in variants.items():
+        lamb_step = METHODS[LAMB_FAST_PATH].build(tensors.params, tensors.names, tensors.moments)
+
+        def run(lamb_step=lamb_step, variant=variant):
+            _lamb_native.step = variant
+            try:
+                lamb_step()
+            finally:
+                _lamb_native.step = shipped
+
+        steps[name] = run
+    steps["bertadam"] = METHODS[FAST_PATH].build(tensors.params, tensors.names, tensors.moments)
+    for step in steps.values():  # warm-up: lazy state, kernel compile, first touch
+        step()
+    monitor = harness.LoadMonitor()
+    times = harness.interleaved_times(steps, {name: args.reps for name in steps})
+    load = monitor.stop()
+
+    adam = times["bertadam"]
+    summary = {
+        name: {"median_ms": statistics.median(t) * 1e3,
+               "vs_bertadam_paired": statistics.median(a / b for a, b in zip(t, adam))}
+        for name, t in times.items()
+    }
+    for name, s in summary.items():
+        print(f"{name:<12} {s['median_ms']:8.1f} ms   x BertAdam (paired) {s['vs_bertadam_paired']:.3f}")
+    print(f"load: {load}")
+    if args.out:
+        report = {"command": "python benchmarks/lamb_segments.py " + " ".join(argv or []),
+                  "size": args.size, "threads": args.threads, "reps": args.reps,
+                  "segment_numel": _lamb_native.SEGMENT_NUMEL, "load": load,
+                  "summary": summary, "times_s": times}
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(main(sys.argv[1:]))
