@@ -379,6 +379,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                "total_steps", *optimizer_settings(args)),
             plot_eval_loss="dev_loss", plot_eval_metric="dev_accuracy",
             eval_at_start=True,  # dev accuracy of the untrained head: where the curve starts
+            on_nonfinite=args.on_nonfinite,
         )
         result = run_training(model, optimizer, scheduler, task, config, ctx=ctx, finish=task.evaluate_test)
         summary = dict(result.summary, stopped_by=result.stopped_by)

@@ -59,6 +59,7 @@ import torch
 
 from bertopt.train import checkpoint as ckpt
 from bertopt.train.distributed import DistContext
+from bertopt.train.optim_args import NONFINITE_POLICIES
 from bertopt.train.report import MetricsLog, plot_metrics, read_metrics, write_summary
 
 
@@ -82,7 +83,6 @@ class TrainingTask(Protocol):
     def forward(self, model: torch.nn.Module, batch: Any) -> StepOutput: ...
 
 
-NONFINITE_POLICIES = ("stop", "skip")
 
 
 @dataclass

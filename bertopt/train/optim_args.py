@@ -19,6 +19,7 @@ from typing import Any
 OPTIMIZERS = ("adam", "lamb")
 SCHEDULE_STYLES = ("google", "rebased")
 WEIGHT_DECAY_MODES = ("decoupled", "l2")
+NONFINITE_POLICIES = ("stop", "skip")  # what the training loop does with a nan/inf loss
 
 
 def add_optimizer_arguments(parser: argparse.ArgumentParser, *, lr: float, batch_size: int,
@@ -45,6 +46,9 @@ def add_optimizer_arguments(parser: argparse.ArgumentParser, *, lr: float, batch
                             "where --bias-correction makes BertAdam AdamW; on for lamb)")
     group.add_argument("--max-grad-norm", type=float, default=1.0,
                        help="clip gradients to this global norm; 0 disables (default: 1.0)")
+    group.add_argument("--on-nonfinite", choices=NONFINITE_POLICIES, default="stop",
+                       help="a nan/inf training loss: stop with an error naming the step (default), or skip that "
+                            "update (10 in a row still stop); the last checkpoint stays intact either way")
     group.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
 
 

@@ -89,9 +89,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--eval-every", type=int, default=100, help="evaluate every N steps; 0: only at the end (default: 100)")
     run.add_argument("--save-every", type=int, default=250, help="checkpoint every N steps; 0: only at the end (default: 250)")
     run.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints to keep; 0 keeps all (default: 2)")
-    run.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
-                     help="a nan/inf training loss: stop with an error naming the step (default), or skip that "
-                          "update (10 in a row still stop); the last checkpoint stays intact either way")
     run.add_argument("--fsdp", action="store_true", help="shard the model with FSDP2 (under torchrun)")
     run.add_argument("--threads", type=int, default=0,
                      help="CPU threads per process; 0: automatic (fewer when the machine is busy)")

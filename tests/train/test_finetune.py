@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import math
 import os
 import random
 
@@ -262,6 +263,41 @@ def test_interrupted_and_resumed_finetune_logs_the_same_curve(tiny_model_dir, se
     a, b = (json.loads((d / "summary.json").read_text()) for d in (whole, resumed))
     assert b["resumed_from"] == 4
     assert (b["test_accuracy"], b["test_loss"]) == (a["test_accuracy"], a["test_loss"])
+
+
+def _nan_loss_at_steps(monkeypatch, steps: set[int]) -> None:
+    """The training forward pass of the given (1-based) steps returns a nan loss."""
+    real_batch, real_forward = finetune.ClassificationTask.batch, finetune.ClassificationTask.forward
+    current = {}
+
+    def batch(self, step):
+        current["step"] = step + 1
+        return real_batch(self, step)
+
+    def forward(self, model, inputs):
+        out = real_forward(self, model, inputs)
+        if current["step"] in steps:
+            out.loss_sum = out.loss_sum * math.nan
+        return out
+
+    monkeypatch.setattr(finetune.ClassificationTask, "batch", batch)
+    monkeypatch.setattr(finetune.ClassificationTask, "forward", forward)
+
+
+def test_nonfinite_loss_stops_or_is_skipped_on_request(tiny_model_dir, sentiment_csv, tmp_path, capsys, monkeypatch):
+    _nan_loss_at_steps(monkeypatch, {3, 4})
+    stopped = tmp_path / "stopped"
+    assert cli_main(finetune_argv(tiny_model_dir, sentiment_csv, stopped, "--steps", "6")) == 1
+    assert "loss is nan at step 3" in capsys.readouterr().err
+
+    skipped = tmp_path / "skipped"
+    argv = finetune_argv(tiny_model_dir, sentiment_csv, skipped, "--steps", "6", "--on-nonfinite", "skip")
+    assert cli_main(argv) == 0
+    assert "loss is nan at step 3; skipped this update" in capsys.readouterr().out
+    records = {r["step"]: r for r in read_jsonl(skipped / "metrics.jsonl") if "loss" in r}
+    assert records[2]["nonfinite_loss_steps"] == 0 and records[6]["nonfinite_loss_steps"] == 2
+    summary = json.loads((skipped / "summary.json").read_text())
+    assert summary["steps_completed"] == 6 and math.isfinite(summary["test_loss"])
 
 
 def test_resume_refuses_a_different_setting(tiny_model_dir, sentiment_csv, tmp_path, capsys):
