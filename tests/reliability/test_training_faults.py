@@ -53,25 +53,6 @@ def _error_paragraph(err: str, *phrases: str) -> None:
         assert phrase in err, (phrase, err)
 
 
-def _fault_at_steps(monkeypatch, steps: set[int], fault) -> None:
-    """Apply ``fault(step_output)`` to the forward pass of the given (1-based) steps."""
-    real_batch, real_forward = pretrain.MaskedLMTask.batch, pretrain.MaskedLMTask.forward
-    current = {}
-
-    def batch(self, step):
-        current["step"] = step + 1
-        return real_batch(self, step)
-
-    def forward(self, model, inputs):
-        out = real_forward(self, model, inputs)
-        if current["step"] in steps:
-            fault(out)
-        return out
-
-    monkeypatch.setattr(pretrain.MaskedLMTask, "batch", batch)
-    monkeypatch.setattr(pretrain.MaskedLMTask, "forward", forward)
-
-
 def _all_finite(state: dict) -> bool:
     return all(torch.isfinite(t).all() for t in state.values() if torch.is_tensor(t) and t.is_floating_point())
 
@@ -80,13 +61,13 @@ def _all_finite(state: dict) -> bool:
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
-def test_nonfinite_loss_stops_naming_the_step(data, tmp_path, capsys, monkeypatch, value):
+def test_nonfinite_loss_stops_naming_the_step(data, tmp_path, capsys, monkeypatch, value, fault_at_steps):
     out = tmp_path / "run"
 
     def poison(step_output):
         step_output.loss_sum = step_output.loss_sum * value
 
-    _fault_at_steps(monkeypatch, {5}, poison)
+    fault_at_steps(pretrain.MaskedLMTask, {5}, poison)
     code, _, err = _run(capsys, data["argv"](out))
     assert code == 1
     _error_paragraph(err, f"the training loss is {value} at step 5", "this update was not applied",
@@ -98,12 +79,12 @@ def test_nonfinite_loss_stops_naming_the_step(data, tmp_path, capsys, monkeypatc
     assert_same_curve(curve(out), data["reference"])
 
 
-def test_nonfinite_loss_skip_mode_skips_the_update(data, tmp_path, capsys, monkeypatch):
+def test_nonfinite_loss_skip_mode_skips_the_update(data, tmp_path, capsys, monkeypatch, fault_at_steps):
     """--on-nonfinite skip: steps 5 and 6 have a nan loss; their updates are not applied (the
     weights and Adam moments after step 6 equal those after step 4), the run goes on and logs
     how many steps it skipped."""
     out = tmp_path / "run"
-    _fault_at_steps(monkeypatch, {5, 6}, lambda o: setattr(o, "loss_sum", o.loss_sum * math.nan))
+    fault_at_steps(pretrain.MaskedLMTask, {5, 6}, lambda o: setattr(o, "loss_sum", o.loss_sum * math.nan))
     code, stdout, err = _run(capsys, data["argv"](out, "--on-nonfinite", "skip", "--keep-checkpoints", "0",
                                                   save_every=1))
     assert code == 0, err
@@ -123,9 +104,9 @@ def test_nonfinite_loss_skip_mode_skips_the_update(data, tmp_path, capsys, monke
     assert summary(out)["steps_completed"] == STEPS and _all_finite(six["model"])
 
 
-def test_nonfinite_loss_skip_mode_stops_after_ten_in_a_row(data, tmp_path, capsys, monkeypatch):
+def test_nonfinite_loss_skip_mode_stops_after_ten_in_a_row(data, tmp_path, capsys, monkeypatch, fault_at_steps):
     out = tmp_path / "run"
-    _fault_at_steps(monkeypatch, set(range(3, 20)), lambda o: setattr(o, "loss_sum", o.loss_sum * math.inf))
+    fault_at_steps(pretrain.MaskedLMTask, set(range(3, 20)), lambda o: setattr(o, "loss_sum", o.loss_sum * math.inf))
     code, _, err = _run(capsys, data["argv"](out, "--on-nonfinite", "skip", steps=14))
     assert code == 1
     _error_paragraph(err, "non-finite at 10 steps in a row (steps 3 to 12", "none of them was applied",
@@ -134,13 +115,13 @@ def test_nonfinite_loss_skip_mode_stops_after_ten_in_a_row(data, tmp_path, capsy
 
 
 def test_nonfinite_gradient_is_skipped_by_the_optimizer_and_counted_across_resume(data, tmp_path, capsys,
-                                                                                 monkeypatch):
+                                                                                 monkeypatch, fault_at_steps):
     """A finite loss whose gradient is inf (step 5): BertAdam skips the step itself; metrics.jsonl
     logs skipped_steps, and the count survives a crash at step 8 and --resume from step 6."""
     def inf_gradient(step_output):
         step_output.loss_sum.register_hook(lambda g: g * math.inf)
 
-    _fault_at_steps(monkeypatch, {5}, inf_gradient)
+    fault_at_steps(pretrain.MaskedLMTask, {5}, inf_gradient)
     straight = tmp_path / "straight"
     assert cli(data["argv"](straight)) == 0
     expected = curve(straight)

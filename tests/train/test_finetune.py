@@ -265,27 +265,9 @@ def test_interrupted_and_resumed_finetune_logs_the_same_curve(tiny_model_dir, se
     assert (b["test_accuracy"], b["test_loss"]) == (a["test_accuracy"], a["test_loss"])
 
 
-def _nan_loss_at_steps(monkeypatch, steps: set[int]) -> None:
-    """The training forward pass of the given (1-based) steps returns a nan loss."""
-    real_batch, real_forward = finetune.ClassificationTask.batch, finetune.ClassificationTask.forward
-    current = {}
-
-    def batch(self, step):
-        current["step"] = step + 1
-        return real_batch(self, step)
-
-    def forward(self, model, inputs):
-        out = real_forward(self, model, inputs)
-        if current["step"] in steps:
-            out.loss_sum = out.loss_sum * math.nan
-        return out
-
-    monkeypatch.setattr(finetune.ClassificationTask, "batch", batch)
-    monkeypatch.setattr(finetune.ClassificationTask, "forward", forward)
-
-
-def test_nonfinite_loss_stops_or_is_skipped_on_request(tiny_model_dir, sentiment_csv, tmp_path, capsys, monkeypatch):
-    _nan_loss_at_steps(monkeypatch, {3, 4})
+def test_nonfinite_loss_stops_or_is_skipped_on_request(tiny_model_dir, sentiment_csv, tmp_path, capsys,
+                                                       fault_at_steps):
+    fault_at_steps(finetune.ClassificationTask, {3, 4}, lambda o: setattr(o, "loss_sum", o.loss_sum * math.nan))
     stopped = tmp_path / "stopped"
     assert cli_main(finetune_argv(tiny_model_dir, sentiment_csv, stopped, "--steps", "6")) == 1
     assert "loss is nan at step 3" in capsys.readouterr().err
