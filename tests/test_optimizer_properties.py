@@ -7,6 +7,7 @@ import copy
 import io
 import math
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -99,11 +100,15 @@ def test_state_dict_round_trip_resumes_bit_exactly(problem, impl):
     torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    params2, opt2 = build(problem, impl)
+    # Built with other hyperparameters: those of the checkpoint must win.
+    other = dict(problem, clip=0.25 if problem["clip"] is None else None,
+                 group_hyper=[dict(lr=0.5, weight_decay=0.3) for _ in problem["group_hyper"]])
+    params2, opt2 = build(other, impl)
     with torch.no_grad():
         for p, value in zip(params2, saved["params"]):
             p.copy_(value)
     opt2.load_state_dict(saved["opt"])
+    assert opt2.max_grad_norm == problem["clip"]
     for k in range(3, 6):
         set_grads(problem, params2, k)
         opt2.step()
@@ -122,7 +127,7 @@ def test_non_finite_gradient_changes_nothing(problem, impl, bad):
     set_grads(problem, params, 2)
     with_grad[-1].grad.view(-1)[0] = bad
     opt.step()
-    assert opt.skipped_steps == 1
+    assert opt.skipped_steps == 1 and not math.isfinite(opt.last_grad_norm.item())
     state_after = opt.state_dict()
     for a, b in zip(before[1], params):
         assert torch.equal(a, b.detach())
@@ -187,3 +192,73 @@ def test_adamw_state_dict_loads_and_continues(problem):
     set_grads(problem, params_b, 3)
     ours.step()
     assert all(torch.isfinite(p.detach()).all() for p in params_b)
+
+
+# --- the same contract for every optimizer, on fixed inputs ---------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_parameters_without_grad_are_left_alone(name):
+    torch.manual_seed(0)
+    trained, idle = torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))
+    start = idle.detach().clone()
+    trained.grad = torch.ones_like(trained)
+    opt = OPTIMIZERS[name]([trained, idle], lr=0.1)
+    opt.step()
+    assert idle not in opt.state and torch.equal(idle.detach(), start)
+    assert trained in opt.state
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_grad_scaler_gives_the_unscaled_result(name):
+    torch.manual_seed(0)
+    model, twin = torch.nn.Linear(6, 3), torch.nn.Linear(6, 3)
+    twin.load_state_dict(model.state_dict())
+    x, y = torch.randn(8, 6), torch.randn(8, 3)
+    opt, opt_twin = OPTIMIZERS[name](model.parameters(), lr=0.01), OPTIMIZERS[name](twin.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for _ in range(5):
+        scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(twin(x), y).backward()
+        opt_twin.step()
+        opt_twin.zero_grad()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert (a - b).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_sparse_gradients_are_rejected(name):
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    emb(torch.tensor([1, 2])).sum().backward()
+    opt = OPTIMIZERS[name](emb.parameters())
+    with pytest.raises(ValueError, match="sparse gradients"):
+        opt.step()
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_torch_compile_of_a_training_step(name):
+    optimizer_class = OPTIMIZERS[name]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    eager = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    eager.load_state_dict(model.state_dict())
+    x, y = torch.randn(4, 8), torch.randn(4, 2)
+    opt = optimizer_class(model.parameters(), lr=0.01, max_grad_norm=1.0)
+    opt_eager = optimizer_class(eager.parameters(), lr=0.01, max_grad_norm=1.0)
+
+    def train_step(m, o):
+        loss = torch.nn.functional.mse_loss(m(x), y)
+        loss.backward()
+        o.step()
+        o.zero_grad()
+        return loss
+
+    compiled = torch.compile(train_step, backend="aot_eager")
+    for _ in range(3):
+        compiled(model, opt)
+        train_step(eager, opt_eager)
+    for a, b in zip(model.parameters(), eager.parameters()):
+        assert (a - b).abs().max().item() < 1e-6

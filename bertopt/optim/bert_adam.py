@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from bertopt.optim import _impl
-from bertopt.optim.base import GlobalClipOptimizer, check_hyperparameters, check_max_grad_norm  # noqa: F401
+from bertopt.optim.base import GlobalClipOptimizer
 
 try:
     from torch.distributed.tensor import DTensor

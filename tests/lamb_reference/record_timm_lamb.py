@@ -20,11 +20,10 @@ import types
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from problem import LR, SHAPES, WEIGHT_DECAY, decayed, make_problem, to_lists  # noqa: E402
+from problem import LR, WEIGHT_DECAY, decayed, make_problem, to_lists  # noqa: E402
 
 CONFIGS = {
     # name: timm Lamb keyword arguments (besides lr); groups: decayed wd 0.01, others 0

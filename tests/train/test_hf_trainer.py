@@ -6,7 +6,6 @@ The question each test answers: does Trainer really run *our* recipe, step for s
 
 from __future__ import annotations
 
-import copy
 import os
 
 import pytest
