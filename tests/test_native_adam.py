@@ -229,11 +229,10 @@ def test_portable_build_without_march_native_matches_too(tmp_path):
     # The fallback compile (when a compiler refuses -march=native): baseline ISA, and on
     # x86-64 without FMA a*b+c instead of fused multiply-adds, as torch's own fallback.
     import ctypes
-    import os
 
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    cc = _native.find_compiler()
     out = tmp_path / "portable.so"
-    assert _native._compile(cc, out, _native._BASE_FLAGS) is None
+    assert _native._compile(cc, out, _native._BASE_FLAGS, _native.C_SOURCE) is None
     lib = ctypes.CDLL(str(out))
     _native._declare(lib)
     h = _impl.AdamHyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01,

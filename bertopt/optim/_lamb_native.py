@@ -37,13 +37,7 @@ caller uses the torch path.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -320,43 +314,23 @@ _tried = False
 def _build_and_load() -> tuple[ctypes.CDLL | None, str]:
     if _native.library() is None:  # disabled (BERTOPT_NATIVE=0, use_native(False)) or no compiler
         return None, "native kernels unavailable: " + _native.status()
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    source = _native.C_SOURCE + LAMB_C_SOURCE
-    version = _native._compiler_version(cc)
-    errors = []
-    for extra in (["-march=native"], []):  # as _native: this CPU's vector width first
-        # Mismatches with _native's C internals must fail the build (then we fall back),
-        # never compile with a warning into a kernel that silently does nothing.
-        flags = _native._BASE_FLAGS + _STRICT_FLAGS + extra
-        key = hashlib.sha256("\0".join([source, cc, version, *flags, _native._cpu_signature()]).encode()).hexdigest()[:16]
-        path = _native._cache_dir() / f"bertopt_lamb_{key}.so"
-        try:
-            if not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-                    src, tmp_out = Path(tmp) / "bertopt_lamb.c", Path(tmp) / path.name
-                    src.write_text(source)
-                    proc = subprocess.run([cc, *flags, str(src), "-o", str(tmp_out), "-lm"],
-                                          capture_output=True, text=True, timeout=300)
-                    if proc.returncode != 0:
-                        errors.append(proc.stderr.strip()[-2000:] or f"{cc} exited with {proc.returncode}")
-                        continue
-                    os.replace(tmp_out, path)  # atomic: concurrent processes never load a partial file
-            lib = ctypes.CDLL(str(path))
-        except (OSError, subprocess.SubprocessError) as exc:
-            errors.append(str(exc))
-            continue
-        ptrs, i64, f32, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-        lib.bertopt_lamb_moments_f32.restype = c_int
-        lib.bertopt_lamb_moments_f32.argtypes = [ptrs, ptrs, ptrs, ptrs, ptrs, i64, ptrs, ptrs, ptrs, c_int, f32,
-                                                 f32, f32, f32, f32, f32, f32, ptrs, ptrs, c_int, i64]
-        lib.bertopt_lamb_apply_f32.restype = c_int
-        lib.bertopt_lamb_apply_f32.argtypes = [ptrs, ptrs, ptrs, i64, ptrs, c_int, i64]
-        lib.bertopt_lamb_step_f32.restype = c_int
-        lib.bertopt_lamb_step_f32.argtypes = [ptrs, ptrs, ptrs, ptrs, ptrs, i64, ptrs, ptrs, c_int, f32,
-                                              f32, f32, f32, f32, f32, f32, f32, c_int, f32, f32, i64, c_int, i64]
-        return lib, f"loaded {path}"
-    return None, "compiling the LAMB kernel failed: " + " | ".join(errors)
+    cc = _native.find_compiler()
+    # Mismatches with _native's C internals must fail the build (then we fall back), never
+    # compile with a warning into a kernel that silently does nothing.
+    lib, message = _native.build_cached("bertopt_lamb", _native.C_SOURCE + LAMB_C_SOURCE, cc,
+                                        extra_flags=tuple(_STRICT_FLAGS))
+    if lib is None:
+        return None, "compiling the LAMB kernel failed: " + message
+    ptrs, i64, f32, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    lib.bertopt_lamb_moments_f32.restype = c_int
+    lib.bertopt_lamb_moments_f32.argtypes = [ptrs, ptrs, ptrs, ptrs, ptrs, i64, ptrs, ptrs, ptrs, c_int, f32,
+                                             f32, f32, f32, f32, f32, f32, ptrs, ptrs, c_int, i64]
+    lib.bertopt_lamb_apply_f32.restype = c_int
+    lib.bertopt_lamb_apply_f32.argtypes = [ptrs, ptrs, ptrs, i64, ptrs, c_int, i64]
+    lib.bertopt_lamb_step_f32.restype = c_int
+    lib.bertopt_lamb_step_f32.argtypes = [ptrs, ptrs, ptrs, ptrs, ptrs, i64, ptrs, ptrs, c_int, f32,
+                                          f32, f32, f32, f32, f32, f32, f32, c_int, f32, f32, i64, c_int, i64]
+    return lib, message
 
 
 def library() -> ctypes.CDLL | None:

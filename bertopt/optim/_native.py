@@ -341,12 +341,12 @@ def _compiler_version(cc: str) -> str:
         return ""
 
 
-def _compile(cc: str, out: Path, flags: list[str]) -> str | None:
-    """Compile C_SOURCE to ``out`` atomically; return an error message or None."""
+def _compile(cc: str, out: Path, flags: list[str], source: str) -> str | None:
+    """Compile ``source`` to ``out`` atomically; return an error message or None."""
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        src = Path(tmp) / "bertopt_adam.c"
-        src.write_text(C_SOURCE)
+        src = Path(tmp) / out.with_suffix(".c").name
+        src.write_text(source)
         tmp_out = Path(tmp) / out.name
         proc = subprocess.run([cc, *flags, str(src), "-o", str(tmp_out), "-lm"],
                               capture_output=True, text=True, timeout=300)
@@ -356,24 +356,26 @@ def _compile(cc: str, out: Path, flags: list[str]) -> str | None:
     return None
 
 
-def _build_and_load() -> tuple[ctypes.CDLL | None, str]:
-    if os.environ.get("BERTOPT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
-        return None, "disabled by BERTOPT_NATIVE=0"
-    if os.name != "posix":
-        return None, f"not built on {os.name} (needs a POSIX C compiler and pthreads)"
+def find_compiler() -> str | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc or not shutil.which(cc):
-        return None, "no C compiler found (set CC, or install gcc/clang)"
+    return cc if cc and shutil.which(cc) else None
+
+
+def build_cached(name: str, source: str, cc: str, extra_flags: tuple[str, ...] = (),
+                 accept=lambda lib: None) -> tuple[ctypes.CDLL | None, str]:
+    """Compile ``source`` (once: cached under a hash of the source, compiler, flags and CPU)
+    and load it. ``-march=native`` first (this CPU's vector width), plain flags if the
+    compiler refuses. ``accept(lib)`` may return a reason to reject a loaded library.
+    Returns (library, "loaded PATH") or (None, the errors)."""
     version = _compiler_version(cc)
     errors = []
-    # -march=native first (vector width of this CPU); plain -O3 if the compiler refuses it.
-    for extra in (["-march=native"], []):
-        flags = _BASE_FLAGS + extra
-        key = hashlib.sha256("\0".join([C_SOURCE, cc, version, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
-        path = _cache_dir() / f"bertopt_adam_{key}.so"
+    for march in (["-march=native"], []):
+        flags = _BASE_FLAGS + list(extra_flags) + march
+        key = hashlib.sha256("\0".join([source, cc, version, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
+        path = _cache_dir() / f"{name}_{key}.so"
         try:
             if not path.exists():
-                err = _compile(cc, path, flags)
+                err = _compile(cc, path, flags, source)
                 if err is not None:
                     errors.append(err)
                     continue
@@ -381,12 +383,32 @@ def _build_and_load() -> tuple[ctypes.CDLL | None, str]:
         except (OSError, subprocess.SubprocessError) as exc:
             errors.append(str(exc))
             continue
-        if lib.bertopt_abi_version() != _ABI_VERSION:
-            errors.append(f"{path} has the wrong ABI version")
+        rejected = accept(lib)
+        if rejected:
+            errors.append(f"{path}: {rejected}")
             continue
-        _declare(lib)
         return lib, f"loaded {path}"
-    return None, "compiling the native kernel failed: " + " | ".join(errors)
+    return None, " | ".join(errors)
+
+
+def _build_and_load() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("BERTOPT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, "disabled by BERTOPT_NATIVE=0"
+    if os.name != "posix":
+        return None, f"not built on {os.name} (needs a POSIX C compiler and pthreads)"
+    cc = find_compiler()
+    if cc is None:
+        return None, "no C compiler found (set CC, or install gcc/clang)"
+
+    def right_abi(lib):
+        lib.bertopt_abi_version.restype = ctypes.c_int64
+        return None if lib.bertopt_abi_version() == _ABI_VERSION else "wrong ABI version"
+
+    lib, message = build_cached("bertopt_adam", C_SOURCE, cc, accept=right_abi)
+    if lib is None:
+        return None, "compiling the native kernel failed: " + message
+    _declare(lib)
+    return lib, message
 
 
 def _declare(lib: ctypes.CDLL) -> None:
