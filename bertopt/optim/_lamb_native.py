@@ -37,7 +37,6 @@ caller uses the torch path.
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import torch
 from torch import Tensor
@@ -305,10 +304,6 @@ int bertopt_lamb_step_f32(float *const *p, float *const *g, float *const *m, flo
 """
 
 _STRICT_FLAGS = ["-Werror=int-conversion", "-Werror=incompatible-pointer-types", "-Werror=implicit-function-declaration"]
-_lock = threading.Lock()
-_loaded: ctypes.CDLL | None = None
-_status = "not loaded yet"
-_tried = False
 
 
 def _build_and_load() -> tuple[ctypes.CDLL | None, str]:
@@ -333,22 +328,21 @@ def _build_and_load() -> tuple[ctypes.CDLL | None, str]:
     return lib, message
 
 
+_kernel = _native.BuiltOnce(_build_and_load)
+
+
 def library() -> ctypes.CDLL | None:
     """The compiled LAMB kernel (built on first call), or None (see :func:`status`)."""
-    global _loaded, _status, _tried
     if _native.library() is None:  # follows _native's switch at every call
         return None
-    if not _tried:
-        with _lock:
-            if not _tried:
-                _loaded, _status = _build_and_load()
-                _tried = True
-    return _loaded
+    return _kernel.get()
 
 
 def status() -> str:
-    library()
-    return _status if _native.library() is not None else "native kernels unavailable: " + _native.status()
+    if _native.library() is None:
+        return "native kernels unavailable: " + _native.status()
+    _kernel.get()
+    return _kernel.status
 
 
 def _floats(values) -> ctypes.Array:

@@ -304,11 +304,30 @@ int bertopt_adam_f32(float *const *p, float *const *g, float *const *m, float *c
 _ABI_VERSION = 2
 _BASE_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-ffp-contract=off"]
 
-_lock = threading.Lock()
-_loaded: ctypes.CDLL | None = None
-_status = "not loaded yet"
-_tried = False
 _enabled = True
+
+
+class BuiltOnce:
+    """A kernel library built on first use, once per process (thread-safe), with the
+    reason it is or is not available."""
+
+    def __init__(self, build):
+        self._build = build  # () -> (CDLL or None, status message)
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the library, so the next call builds again (tests)."""
+        with self._lock:
+            self.lib, self.status, self._tried = None, "not loaded yet", False
+
+    def get(self) -> ctypes.CDLL | None:
+        if not self._tried:
+            with self._lock:
+                if not self._tried:
+                    self.lib, self.status = self._build()
+                    self._tried = True
+        return self.lib
 
 
 def _cache_dir() -> Path:
@@ -421,6 +440,9 @@ def _declare(lib: ctypes.CDLL) -> None:
                                      f32, f32, f32, f32, f32, c_int, f32, f32, c_int, i64]
 
 
+_kernel = BuiltOnce(_build_and_load)
+
+
 def use_native(enabled: bool) -> bool:
     """Switch the native kernel on or off in this process (to compare paths); returns the old setting."""
     global _enabled
@@ -430,30 +452,20 @@ def use_native(enabled: bool) -> bool:
 
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, building it on first call; None if unavailable (see status())."""
-    global _loaded, _status, _tried
-    if not _enabled:
-        return None
-    if not _tried:
-        with _lock:
-            if not _tried:
-                _loaded, _status = _build_and_load()
-                _tried = True
-    return _loaded
+    return _kernel.get() if _enabled else None
 
 
 def status() -> str:
     """Why the native kernel is or is not in use."""
     if not _enabled:
         return "switched off with use_native(False)"
-    library()
-    return _status
+    _kernel.get()
+    return _kernel.status
 
 
 def reset_for_tests() -> None:
     """Forget the loaded library so the next call re-reads BERTOPT_NATIVE (tests only)."""
-    global _loaded, _status, _tried
-    with _lock:
-        _loaded, _status, _tried = None, "not loaded yet", False
+    _kernel.reset()
 
 
 def eligible(*tensor_lists: list[Tensor]) -> bool:
