@@ -48,6 +48,19 @@ def verdict(diff: PairedDifference, higher_is_better: bool) -> str:
     return "variant better" if variant_better else "baseline better"
 
 
+def _save(fig, axes, path: Path) -> Path:
+    """Grid and legend on every panel, then the PNG; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_curves(records: list[RunRecord], spec: TaskSpec, path: Path) -> Path:
     import matplotlib
 
@@ -65,13 +78,7 @@ def plot_curves(records: list[RunRecord], spec: TaskSpec, path: Path) -> Path:
         ax_lr.plot(*zip(*runs[0].lr_curve), color=line.get_color(), label=variant, linewidth=1.2)
     ax_loss.set(title=f"{spec.title}: training loss (mean over seeds)", xlabel="step", ylabel="loss")
     ax_lr.set(title="learning rate used", xlabel="step", ylabel="lr")
-    for ax in (ax_loss, ax_lr):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, (ax_loss, ax_lr), path)
 
 
 def plot_early_steps(records: list[EarlyStep], path: Path) -> Path:
@@ -88,13 +95,7 @@ def plot_early_steps(records: list[EarlyStep], path: Path) -> Path:
     ax_delta.plot(t, [r.delta_bert for r in records], label="BertAdam (no correction)")
     ax_delta.plot(t, [r.delta_adamw for r in records], label="AdamW (correction)")
     ax_delta.set(title="actual step size ||Δθ|| under warmup", xlabel="update t", ylabel="||Δθ||")
-    for ax in (ax_ratio, ax_delta):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, (ax_ratio, ax_delta), path)
 
 
 def _versions() -> str:
