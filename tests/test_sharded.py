@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import bertopt
-from bertopt.optim import _lamb, _lamb_native, clip
+from bertopt.optim import _lamb, _lamb_native, _native, clip
 
 pytestmark = [
     pytest.mark.multiprocess,
@@ -109,7 +109,12 @@ CASES = {
     "lamb-foreach-no-bias-correction": ("Lamb", dict(lr=0.05, foreach=True, bias_correction=False, always_adapt=True)),
     "bertadam-reference": ("BertAdam", dict(lr=0.01, max_grad_norm=1.0, foreach=False)),
     "bertadam-foreach": ("BertAdam", dict(lr=0.01, max_grad_norm=1.0, foreach=True)),
+    "bertadam-fused": ("BertAdam", dict(lr=0.01, max_grad_norm=1.0, fused=True)),  # the C kernel on local shards
+    "bertadam-fused-torch": ("BertAdam", dict(lr=0.01, max_grad_norm=1.0, fused=True)),  # torch's fused kernel
 }
+
+# Also run with shard-local norms patched in: the comparison must catch that bug.
+NAIVE_CASES = ["lamb-reference", "lamb-fused", "lamb-fused-torch", "bertadam-foreach", "bertadam-fused"]
 
 
 def shard_local_norms(cls_name: str):
@@ -141,8 +146,13 @@ def train(case: str, sharded: bool, naive: bool = False, replay: list | None = N
     params = dict(model.named_parameters())
     optimizer = getattr(bertopt, cls_name)(bertopt.param_groups(model, weight_decay=0.01), **kwargs)
     patches = shard_local_norms(cls_name) if naive else []
-    if case.endswith("-torch"):
-        patches.append(mock.patch.object(_lamb_native, "library", lambda: None))
+    if case.endswith("-torch"):  # our C kernels off: the torch path other devices take
+        patches += [mock.patch.object(_native, "library", lambda: None),
+                    mock.patch.object(_lamb_native, "library", lambda: None)]
+    # count the C kernels' calls: the fused cases must run them on the local shards
+    kernels = [mock.patch.object(module, name, wraps=getattr(module, name))
+               for module, name in ((_native, "adam_step"), (_lamb_native, "moments"), (_lamb_native, "step"))]
+    patches += kernels
     for p in patches:
         p.start()
     norms, grads = [], []
@@ -158,16 +168,17 @@ def train(case: str, sharded: bool, naive: bool = False, replay: list | None = N
             optimizer.step()
             optimizer.zero_grad()
             norms.append(optimizer.last_grad_norm.item())
+        native_calls = sum(k.target.__dict__[k.attribute].call_count for k in kernels)
     finally:
         for p in patches:
             p.stop()
     full = {n: (p.full_tensor() if sharded else p).detach().clone() for n, p in params.items()}
-    return full, norms, grads
+    return full, norms, grads, native_calls
 
 
 def compare(case: str, naive: bool) -> dict:
-    sharded, sharded_norms, grads = train(case, sharded=True, naive=naive)
-    plain, plain_norms, _ = train(case, sharded=False, replay=grads)
+    sharded, sharded_norms, grads, native_calls = train(case, sharded=True, naive=naive)
+    plain, plain_norms, _, _ = train(case, sharded=False, replay=grads)
     start = make_model().state_dict()
     return {
         "param_diff": max((sharded[n] - plain[n]).abs().max().item() for n in plain),
@@ -175,6 +186,7 @@ def compare(case: str, naive: bool) -> dict:
         "clipped_steps": sum(n > 1.0 for n in plain_norms),
         "unclipped_steps": sum(n <= 1.0 for n in plain_norms),
         "moved": max((plain[n] - start[n]).abs().max().item() for n in plain),
+        "native_calls_sharded": native_calls,
     }
 
 
@@ -186,7 +198,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results = {}
         for case in CASES:
             results[case] = compare(case, naive=False)
-        for case in ("lamb-reference", "lamb-fused", "lamb-fused-torch", "bertadam-foreach"):
+        for case in NAIVE_CASES:
             results[case + "-naive"] = compare(case, naive=True)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
@@ -222,9 +234,11 @@ def test_sharded_steps_equal_unsharded_steps(results, case):
     assert r["clipped_steps"] >= 2 and r["unclipped_steps"] >= 2, "the clip should trigger on some steps only"
     assert r["param_diff"] <= PARAM_ATOL, r
     assert r["norm_rel_diff"] <= NORM_RTOL, r
+    uses_c_kernel = case.split("-")[1] == "fused" and not case.endswith("-torch")
+    assert (r["native_calls_sharded"] > 0) == uses_c_kernel, r
 
 
-@pytest.mark.parametrize("case", ["lamb-reference", "lamb-fused", "lamb-fused-torch", "bertadam-foreach"])
+@pytest.mark.parametrize("case", NAIVE_CASES)
 def test_shard_local_norms_would_be_caught(results, case):
     naive = results[case + "-naive"]
     assert naive["param_diff"] > NAIVE_MIN_DIFF, naive

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from bertopt.optim import _native
+from bertopt.optim.clip import local_part
 
 # beta**_NO_BIAS_CORRECTION_STEP underflows to exactly 0 for any beta < 1 that makes
 # sense (0.999**2**30 = 0.0 in float64), so the fused kernels' bias corrections are 1.
@@ -189,5 +190,6 @@ def bert_adam(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper, clip_co
     if impl == "reference":
         fn(params, grads, exp_avgs, exp_avg_sqs, steps, h, clip_coef)
         return
-    for chunk in group_by_device_and_dtype(params, grads, exp_avgs, exp_avg_sqs, steps):
+    local = [[local_part(t) for t in tensors] for tensors in (params, grads, exp_avgs, exp_avg_sqs)]
+    for chunk in group_by_device_and_dtype(*local, steps):
         fn(*chunk, h, clip_coef)

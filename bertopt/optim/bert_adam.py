@@ -13,6 +13,7 @@ from torch import Tensor
 
 from bertopt.optim import _impl
 from bertopt.optim.base import GlobalClipOptimizer
+from bertopt.optim.clip import local_part
 
 try:
     from torch.distributed.tensor import DTensor
@@ -64,7 +65,8 @@ class BertAdam(GlobalClipOptimizer):
         max_grad_norm: clip the gradients of all groups together by their global norm,
             TensorFlow's way (``g * c / max(norm, c)``), before the update. ``None``: off.
         foreach, fused: choose the implementation like ``torch.optim.AdamW``; by default
-            the fused kernel wherever torch has it.
+            the fused kernel wherever torch has it. DTensor parameters (FSDP2) run it on
+            their local shards; the global norm is that of the whole gradients.
 
     After each ``step()``, ``last_grad_norm`` holds the global gradient norm (before
     clipping). A step whose gradients contain inf or nan is skipped entirely (no
@@ -109,7 +111,9 @@ class BertAdam(GlobalClipOptimizer):
             group.setdefault("fused", None)
 
     def _implementation(self, group: dict[str, Any], params: list[Tensor]) -> str:
-        return choose_implementation(params, group["foreach"], group["fused"])
+        # On the local shards: the update is elementwise, so the kernels can work on the
+        # piece of each DTensor this process holds (the clip's global norm is whole-tensor).
+        return choose_implementation([local_part(p) for p in params], group["foreach"], group["fused"])
 
     def _new_step(self, p: Tensor, impl: str) -> Tensor:
         # The fused kernels want the step on the parameter's device; the others on CPU.
