@@ -352,6 +352,70 @@ def test_native_step_is_the_same_for_any_segment_size_and_thread_count(trust_cli
         torch.testing.assert_close(a, b, rtol=2e-6, atol=0)
 
 
+FAILING_CALLOC = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stddef.h>
+static size_t fail_n = 0;
+void arm(size_t n) { fail_n = n; }
+void *calloc(size_t n, size_t size) {  /* fails once for n elements of 8 bytes, once armed */
+    static void *(*real)(size_t, size_t);
+    if (fail_n && n == fail_n && size == 8) { fail_n = 0; return NULL; }
+    if (!real) real = (void *(*)(size_t, size_t))dlsym(RTLD_NEXT, "calloc");
+    return real(n, size);
+}
+"""
+
+OUT_OF_MEMORY_STEP = """
+import ctypes, sys, torch
+from bertopt import Lamb
+from bertopt.optim import _lamb_native
+torch.manual_seed(0)
+params = [torch.nn.Parameter(torch.randn(100_000)), torch.nn.Parameter(torch.randn(300_001))]
+opt = Lamb(params, lr=0.01)
+for p in params:
+    p.grad = torch.randn_like(p)
+opt.step()  # state exists; the next step is the one that fails
+for p in params:
+    p.grad = torch.randn_like(p)
+before = [t.clone() for p in params for t in (p.detach(), p.grad, opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])]
+# its work list: 2 + 5 items of 64K elements, whose per-item sums calloc(7, 8) gets
+ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_GLOBAL).arm(ctypes.c_size_t(7))
+try:
+    opt.step()
+except MemoryError:
+    pass
+else:
+    sys.exit("no MemoryError")
+after = [t for p in params for t in (p.detach(), p.grad, opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])]
+assert all(torch.equal(a, b) for a, b in zip(before, after)), "a tensor changed"
+assert all(opt.state[p]["step"].item() == 1 for p in params), "the step count moved"
+print("unchanged")
+"""
+
+
+def test_out_of_memory_in_the_native_step_changes_nothing(tmp_path):
+    # The kernel allocates everything before it touches a tensor, and the step count is
+    # put back: a MemoryError leaves the optimizer as it was, so the step can be retried.
+    if _lamb_native.library() is None:
+        pytest.skip(_lamb_native.status())
+    import os
+    import subprocess
+    import sys
+
+    from bertopt.optim import _native
+
+    cc = _native.find_compiler()
+    shim = tmp_path / "failing_calloc.so"
+    (tmp_path / "failing_calloc.c").write_text(FAILING_CALLOC)
+    subprocess.run([cc, "-shared", "-fPIC", "-O1", str(tmp_path / "failing_calloc.c"), "-o", str(shim), "-ldl"],
+                   check=True, capture_output=True)
+    env = {**os.environ, "LD_PRELOAD": str(shim), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY_STEP, str(shim)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "unchanged", out.stderr[-2000:]
+
+
 # --- state ---------------------------------------------------------------------------------
 
 

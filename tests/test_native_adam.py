@@ -213,15 +213,18 @@ def test_low_precision_params_take_torchs_kernel(native_on, dtype):
 
 
 @needs_compiler
-def test_state_of_the_wrong_size_is_refused_not_written_out_of_bounds(native_on):
+@pytest.mark.parametrize("optimizer", ["BertAdam", "Lamb"])
+def test_state_of_the_wrong_size_is_refused_not_written_out_of_bounds(native_on, optimizer):
     # e.g. optimizer state loaded from a checkpoint of another model (load_state_dict does not check)
     p = torch.nn.Parameter(torch.randn(10))
-    opt = bertopt.BertAdam([p], lr=0.1, fused=True)
+    opt = getattr(bertopt, optimizer)([p], lr=0.1, fused=True)
     p.grad = torch.randn(10)
     opt.step()
+    before = p.detach().clone()
     opt.state[p]["exp_avg_sq"] = torch.zeros(4)
     with pytest.raises(ValueError, match="exp_avg_sq must match its parameter in size: parameter 0 has 10 elements"):
         opt.step()
+    assert torch.equal(p.detach(), before) and opt.state[p]["step"].item() == 1
 
 
 @needs_compiler

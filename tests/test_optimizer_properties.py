@@ -17,7 +17,8 @@ import bertopt
 IMPLS = {"reference": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Parity tolerance against the float32 reference, per dtype, after a few steps on
-# parameters of order 1: fp32 1e-5 absolute; 16-bit: a few ulps of the dtype.
+# parameters of order 1: fp32 1e-5; 16-bit: a few ulps of the dtype. Absolute up to
+# magnitude 1, relative above (an ulp grows with the value: bf16's is 2^-6 at 2.4).
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 OPTIMIZERS = {"BertAdam": bertopt.BertAdam}
@@ -88,7 +89,8 @@ def test_fast_paths_agree_with_the_float32_reference(problem):
         for a, b in zip(ref, out):
             assert b.dtype == dtype
             if a.numel():
-                assert (a.detach() - b.detach().float()).abs().max().item() <= TOL[dtype]
+                scale = max(1.0, a.detach().abs().max().item())
+                assert (a.detach() - b.detach().float()).abs().max().item() <= TOL[dtype] * scale
 
 
 @SETTINGS

@@ -133,13 +133,13 @@ def bert_adam_fused(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper, c
     if lib is None:
         bert_adam_fused_torch(params, grads, exp_avgs, exp_avg_sqs, steps, h, clip_coef)
         return
-    torch._foreach_add_(steps, 1)
-    bias_corrections = None
-    if h.bias_correction:
-        ts = [s.item() for s in steps]
-        bias_corrections = ([1 - h.beta1**t for t in ts], [1 - h.beta2**t for t in ts])
-    _native.adam_step(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, h,
-                      None if clip_coef is None else clip_coef.item())
+    with _native.counting_the_step(steps):
+        bias_corrections = None
+        if h.bias_correction:
+            ts = [s.item() for s in steps]
+            bias_corrections = ([1 - h.beta1**t for t in ts], [1 - h.beta2**t for t in ts])
+        _native.adam_step(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, h,
+                          None if clip_coef is None else clip_coef.item())
 
 
 def bert_adam_fused_torch(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper, clip_coef: Tensor | None):

@@ -208,23 +208,23 @@ def lamb_fused(params, grads, exp_avgs, exp_avg_sqs, steps, owners, h: LambHyper
 
 def _lamb_native_step(lib, params, grads, exp_avgs, exp_avg_sqs, steps, owners, h: LambHyper, clip_coef):
     """float32 CPU: the C kernel's two passes (``_lamb_native``), u stored over the
-    gradient; one pass where r = 1."""
+    gradient; one pass where r = 1. A kernel that refuses (sizes, memory) changes nothing,
+    the step count included, except between the two calls of the sharded path."""
     a = h.adam
-    torch._foreach_add_(steps, 1)
-    bias_corrections = _bias_corrections(steps, a) if a.bias_correction else None
     clip = None if clip_coef is None else clip_coef.item()
-    if not h.adapt:
-        _lamb_native.moments(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, a, clip,
-                             apply_scales=[a.lr] * len(params))
-        return
-    if not any(isinstance(o, DTensor) for o in owners):  # both passes in one call, cache-blocked
-        _lamb_native.step(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, a, clip, h.trust_clip)
-        return
-    p_sq, u_sq = _lamb_native.moments(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, a, clip,
-                                      apply_scales=None)  # u is now in grads
-    squares = torch.cat([p_sq, u_sq])
-    if any(isinstance(o, DTensor) for o in owners):
-        squares = whole_sums_of_squares(squares, owners * 2)
+    with _native.counting_the_step(steps):
+        bias_corrections = _bias_corrections(steps, a) if a.bias_correction else None
+        if not h.adapt:
+            _lamb_native.moments(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, a, clip,
+                                 apply_scales=[a.lr] * len(params))
+            return
+        if not any(isinstance(o, DTensor) for o in owners):  # both passes in one call, cache-blocked
+            _lamb_native.step(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, a, clip, h.trust_clip)
+            return
+        p_sq, u_sq = _lamb_native.moments(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, a, clip,
+                                          apply_scales=None)  # u is now in grads
+    # Sharded: the sums of squares of the whole tensors, then pass 2.
+    squares = whole_sums_of_squares(torch.cat([p_sq, u_sq]), owners * 2)
     norms = squares.sqrt().float()
     n = len(params)
     _lamb_native.apply(lib, params, grads, trust_ratio(norms[:n], norms[n:], h.trust_clip) * a.lr)

@@ -66,7 +66,8 @@ static inline float lamb_update(float mi, float vi, float pi, float bc1, float b
     return u;
 }
 
-/* Pass 1 on one span. torch's add_(x, alpha) and addcmul_ round as fmaf (see _native);
+/* Pass 1 on one span. torch's add_(x, alpha) and addcmul_ round as one fused multiply-add
+   where the CPU has one (FMA: see _native);
    -ffp-contract=off keeps every other line one IEEE operation. Squares are summed in
    float over blocks of at most 1024 elements (16 lanes: the loop vectorizes) and the
    blocks in double. */
@@ -84,9 +85,9 @@ static inline void lamb_moments_span(float *restrict p, float *restrict g, float
         float gi = g[i];                                                               \
         if (has_clip) gi = gi * c;                                                     \
         float mi = m[i] * b1;                                                          \
-        mi = fmaf(omb1, gi, mi);                                                       \
+        mi = FMA(omb1, gi, mi);                                                        \
         float vi = v[i] * b2;                                                          \
-        vi = fmaf(omb2 * gi, gi, vi);                                                  \
+        vi = FMA(omb2 * gi, gi, vi);                                                   \
         m[i] = mi;                                                                     \
         v[i] = vi;                                                                     \
         const float u = lamb_update(mi, vi, pi, bc1, bc2, eps, wd, bias_corr, has_wd); \
@@ -205,29 +206,36 @@ static float lamb_scale(double p_sq, double u_sq, float lr, int has_trust_clip, 
    on the parts it claimed, backwards. Each thread so rereads p and u from its own
    caches; with items taken in any order (run_job's default), pass 2 would mostly read
    lines that the other core loaded. Only claimed parts are waited for, and a part is
-   claimed by a running thread, so a helper that never joins cannot stall the others. */
+   claimed by a running thread, so a helper that never joins cannot stall the others;
+   a claimed part whose thread loses its core does hold up the rest (they yield while
+   they wait). */
 #define LAMB_MAX_PARTS 64
 typedef struct {
     lamb_args pass1, pass2;            /* pass1.scale = NULL (u over g), pass2.scale = lr * r */
-    const item_t *items;
-    int64_t n_items, n_parts, n_tensors;
+    const item_t *items;               /* the segment's items: a range of the step's item list */
+    int64_t first_item, n_items, n_parts, first_tensor, end_tensor;
     atomic_long next_part, parts_done;
     atomic_int scales_ready;
-    double *p_sq, *u_sq;               /* per tensor of the segment */
+    double *p_sq, *u_sq;               /* per tensor of the step */
     float lr, trust_low, trust_high;
     int has_trust_clip;
 } lamb_segment;
 
 static void lamb_segment_finish_pass1(lamb_segment *s) {
-    for (int64_t t = 0; t < s->n_tensors; t++) { s->p_sq[t] = 0.0; s->u_sq[t] = 0.0; }
-    for (int64_t k = 0; k < s->n_items; k++) {  /* fixed order: deterministic */
+    for (int64_t t = s->first_tensor; t < s->end_tensor; t++) { s->p_sq[t] = 0.0; s->u_sq[t] = 0.0; }
+    for (int64_t k = s->first_item; k < s->first_item + s->n_items; k++) {  /* fixed order: deterministic */
         s->p_sq[s->items[k].tensor] += s->pass1.p_sq[k];
         s->u_sq[s->items[k].tensor] += s->pass1.u_sq[k];
     }
     float *scale = (float *)s->pass2.scale;
-    for (int64_t t = 0; t < s->n_tensors; t++)
+    for (int64_t t = s->first_tensor; t < s->end_tensor; t++)
         scale[t] = lamb_scale(s->p_sq[t], s->u_sq[t], s->lr, s->has_trust_clip, s->trust_low, s->trust_high);
     atomic_store_explicit(&s->scales_ready, 1, memory_order_release);
+}
+
+/* Items [begin, end) of part `part`, as indices into the step's item list. */
+static inline int64_t lamb_part_start(const lamb_segment *s, int64_t part) {
+    return s->first_item + part * s->n_items / s->n_parts;
 }
 
 static void lamb_segment_participate(job_t *job) {
@@ -238,22 +246,24 @@ static void lamb_segment_participate(job_t *job) {
     for (;;) {
         const long part = atomic_fetch_add(&s->next_part, 1);
         if (part >= s->n_parts) break;
-        for (int64_t k = part * s->n_items / s->n_parts; k < (part + 1) * s->n_items / s->n_parts; k++)
+        for (int64_t k = lamb_part_start(s, part); k < lamb_part_start(s, part + 1); k++)
             lamb_moments_item(&pass1, &s->items[k], k);
-        mine[n_mine++] = part;
+        if (n_mine < LAMB_MAX_PARTS) mine[n_mine++] = part;  /* always: n_parts <= LAMB_MAX_PARTS */
         if (atomic_fetch_add(&s->parts_done, 1) + 1 == s->n_parts) lamb_segment_finish_pass1(s);
     }
     if (n_mine == 0) return;
     while (!atomic_load_explicit(&s->scales_ready, memory_order_acquire)) sched_yield();
     for (int64_t j = n_mine - 1; j >= 0; j--)
-        for (int64_t k = (mine[j] + 1) * s->n_items / s->n_parts - 1; k >= mine[j] * s->n_items / s->n_parts; k--)
+        for (int64_t k = lamb_part_start(s, mine[j] + 1) - 1; k >= lamb_part_start(s, mine[j]); k--)
             lamb_apply_item(&pass2, &s->items[k], k);
 }
 
 /* A whole LAMB step on adapted, unsharded tensors, segment by segment: consecutive
    tensors of at most `segment` elements (or one larger tensor) get pass 1, their trust
-   ratios and pass 2 while their p and u are still in the cache (lamb_segment). Same
-   arithmetic as moments + apply. Returns 0, or -1 if memory ran out. */
+   ratios and pass 2 while their p and u are still in the cache (lamb_segment). The
+   float32 arithmetic of moments + apply; the norms' double sums are grouped by this
+   call's items. Everything is allocated before the first tensor is touched: returns -1
+   (out of memory) with all tensors unchanged, or 0. */
 int bertopt_lamb_step_f32(float *const *p, float *const *g, float *const *m, float *const *v,
                           const int64_t *numels, int64_t n_tensors,
                           const float *bc1, const float *bc2, int has_clip, float clip,
@@ -262,44 +272,46 @@ int bertopt_lamb_step_f32(float *const *p, float *const *g, float *const *m, flo
                           float lr, int has_trust_clip, float trust_low, float trust_high,
                           int64_t segment, int n_threads, int64_t chunk) {
     const size_t n = (size_t)(n_tensors > 0 ? n_tensors : 1);
+    int64_t n_items = 0;
+    item_t *items = make_items(numels, n_tensors, chunk, &n_items);  /* items[k].tensor: global index */
+    const size_t n_it = (size_t)(n_items > 0 ? n_items : 1);
     double *p_sq = malloc(n * sizeof(double)), *u_sq = malloc(n * sizeof(double));
+    double *pp = calloc(n_it, sizeof(double)), *up = calloc(n_it, sizeof(double));
     float *scale = malloc(n * sizeof(float));
-    int err = (!p_sq || !u_sq || !scale) ? -1 : 0;
-    for (int64_t first = 0; first < n_tensors && err == 0;) {
+    if (!items || !p_sq || !u_sq || !pp || !up || !scale) {
+        free(items); free(p_sq); free(u_sq); free(pp); free(up); free(scale);
+        return -1;
+    }
+    const lamb_args a = {.p = p, .g = g, .m = m, .v = v, .bc1 = bc1, .bc2 = bc2,
+                         .clip = clip, .has_clip = has_clip, .beta1 = beta1, .one_minus_beta1 = one_minus_beta1,
+                         .beta2 = beta2, .one_minus_beta2 = one_minus_beta2, .eps = eps, .wd = wd,
+                         .p_sq = pp, .u_sq = up};
+    int64_t first_item = 0;
+    for (int64_t first = 0; first < n_tensors;) {
         int64_t end = first + 1, total = numels[first];
         while (end < n_tensors && total + numels[end] <= segment) total += numels[end++];
-        int64_t n_items = 0;
-        item_t *items = make_items(numels + first, end - first, chunk, &n_items);
-        double *pp = calloc((size_t)(n_items > 0 ? n_items : 1), sizeof(double));
-        double *up = calloc((size_t)(n_items > 0 ? n_items : 1), sizeof(double));
-        if (!items || !pp || !up) {
-            err = -1;
-        } else {
-            lamb_args a = {.p = p + first, .g = g + first, .m = m + first, .v = v + first,
-                           .bc1 = bc1 ? bc1 + first : NULL, .bc2 = bc2 ? bc2 + first : NULL,
-                           .clip = clip, .has_clip = has_clip, .beta1 = beta1, .one_minus_beta1 = one_minus_beta1,
-                           .beta2 = beta2, .one_minus_beta2 = one_minus_beta2, .eps = eps, .wd = wd,
-                           .p_sq = pp, .u_sq = up};
-            int64_t n_parts = 2 * (int64_t)(n_threads > 0 ? n_threads : 1);  /* some slack to balance */
-            if (n_parts > LAMB_MAX_PARTS) n_parts = LAMB_MAX_PARTS;
-            if (n_parts > n_items) n_parts = n_items;
-            lamb_segment s = {.pass1 = a, .pass2 = a, .items = items, .n_items = n_items, .n_parts = n_parts,
-                              .n_tensors = end - first, .p_sq = p_sq + first, .u_sq = u_sq + first,
-                              .lr = lr, .trust_low = trust_low, .trust_high = trust_high,
-                              .has_trust_clip = has_trust_clip};
-            s.pass2.scale = scale + first;
-            atomic_init(&s.next_part, 0);
-            atomic_init(&s.parts_done, 0);
-            atomic_init(&s.scales_ready, 0);
-            job_t job = {.items = items, .n_items = n_parts, .total = total, .args = &s,
-                         .participate = lamb_segment_participate};
-            run_job(&job, n_threads);
-        }
-        free(items); free(pp); free(up);
+        int64_t end_item = first_item;
+        while (end_item < n_items && items[end_item].tensor < end) end_item++;
+        int64_t n_parts = 2 * (int64_t)(n_threads > 0 ? n_threads : 1);  /* some slack to balance */
+        if (n_parts > LAMB_MAX_PARTS) n_parts = LAMB_MAX_PARTS;
+        if (n_parts > end_item - first_item) n_parts = end_item - first_item;
+        lamb_segment s = {.pass1 = a, .pass2 = a, .items = items, .first_item = first_item,
+                          .n_items = end_item - first_item, .n_parts = n_parts,
+                          .first_tensor = first, .end_tensor = end, .p_sq = p_sq, .u_sq = u_sq,
+                          .lr = lr, .trust_low = trust_low, .trust_high = trust_high,
+                          .has_trust_clip = has_trust_clip};
+        s.pass2.scale = scale;
+        atomic_init(&s.next_part, 0);
+        atomic_init(&s.parts_done, 0);
+        atomic_init(&s.scales_ready, 0);
+        job_t job = {.items = items, .n_items = n_parts, .total = total, .args = &s,
+                     .participate = lamb_segment_participate};
+        run_job(&job, n_threads);
         first = end;
+        first_item = end_item;
     }
-    free(p_sq); free(u_sq); free(scale);
-    return err;
+    free(items); free(p_sq); free(u_sq); free(pp); free(up); free(scale);
+    return 0;
 }
 """
 
@@ -357,6 +369,7 @@ def moments(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, h, clip
     directly and the gradients are left alone).
     """
     n = len(params)
+    _native.check_sizes(params, grad=grads, exp_avg=exp_avgs, exp_avg_sq=exp_avg_sqs)
     p_sq, u_sq = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
     bc1 = bc2 = None
     if bias_corrections is not None:
@@ -380,7 +393,10 @@ def moments(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, h, clip
 def apply(lib, params: list[Tensor], updates: list[Tensor], scales: Tensor) -> None:
     """Pass 2: ``p -= u * scale`` per tensor (``updates``: the grads pass 1 wrote u into;
     ``scales``: float32, one per tensor)."""
+    _native.check_sizes(params, update=updates)
     scales = scales.to(torch.float32).contiguous()
+    if scales.numel() != len(params):
+        raise ValueError(f"one scale per tensor: {len(params)} tensors, {scales.numel()} scales")
     err = lib.bertopt_lamb_apply_f32(_native._pointer_array(params), _native._pointer_array(updates),
                                      _native._numels(params), len(params), scales.data_ptr(),
                                      torch.get_num_threads(), _native._CHUNK)
@@ -402,6 +418,7 @@ def step(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, h, clip_co
     """Both passes on unsharded, adapted tensors, a cache-sized segment at a time
     (``bertopt_lamb_step_f32``); u is left in ``grads``."""
     n = len(params)
+    _native.check_sizes(params, grad=grads, exp_avg=exp_avgs, exp_avg_sq=exp_avg_sqs)
     bc1 = bc2 = None
     if bias_corrections is not None:
         bc1, bc2 = _floats(bias_corrections[0]), _floats(bias_corrections[1])
@@ -413,7 +430,7 @@ def step(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, h, clip_co
         h.beta1, h.beta2, h.eps, h.weight_decay, 1.0 - h.beta1, 1.0 - h.beta2,
         h.lr, trust_clip is not None, low, high, segment_numel, torch.get_num_threads(), SEGMENT_CHUNK,
     )
-    if err != 0:
+    if err != 0:  # nothing was written
         raise MemoryError("bertopt LAMB kernel: out of memory for its work list")
     for tensors in (exp_avgs, exp_avg_sqs, params, grads):  # written through raw pointers
         torch.autograd.graph.increment_version(tensors)

@@ -25,6 +25,7 @@ callers use torch's kernels instead. :func:`status` says why.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -500,21 +501,41 @@ def sum_of_squares(lib: ctypes.CDLL, tensors: list[Tensor]) -> float:
     return s
 
 
+@contextlib.contextmanager
+def counting_the_step(steps: list[Tensor]):
+    """Add 1 to the step counters for a kernel call inside the block; if the kernel refuses
+    (ValueError, MemoryError: raised before it writes anything), put them back, so the
+    optimizer is as it was and the step can be retried."""
+    torch._foreach_add_(steps, 1)
+    try:
+        yield
+    except (MemoryError, ValueError):
+        torch._foreach_sub_(steps, 1)
+        raise
+
+
+def check_sizes(params: list[Tensor], **lists: list[Tensor]) -> list[int]:
+    """The parameters' sizes, after checking that every tensor of ``lists`` has its
+    parameter's size. The kernels index all of them by the parameter's size: a mismatch
+    (say, optimizer state loaded for another model) must stop here, not write out of bounds."""
+    n = len(params)
+    numels = [t.numel() for t in params]
+    for name, tensors in lists.items():
+        if len(tensors) != n or any(t.numel() != k for t, k in zip(tensors, numels)):
+            bad = next((i for i, (t, k) in enumerate(zip(tensors, numels)) if t.numel() != k), None)
+            detail = f"parameter {bad} has {numels[bad]} elements, its {name} {tensors[bad].numel()}" \
+                if bad is not None else f"{n} parameters but {len(tensors)} {name} tensors"
+            raise ValueError(f"{name} must match its parameter in size: {detail}")
+    return numels
+
+
 def adam_step(lib: ctypes.CDLL, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, h, clip_coef: float | None):
     """One in-place BERT Adam update on ``eligible`` tensors (see ``_impl`` for the equations).
 
     ``bias_corrections`` is None or a pair of per-tensor lists ``(1 - b1**t, 1 - b2**t)``.
     """
     n = len(params)
-    numels = [t.numel() for t in params]
-    for name, tensors in (("grad", grads), ("exp_avg", exp_avgs), ("exp_avg_sq", exp_avg_sqs)):
-        # The kernel indexes all four by the parameter's size: a mismatch (say, optimizer
-        # state loaded for another model) must stop here, not write out of bounds.
-        if len(tensors) != n or any(t.numel() != k for t, k in zip(tensors, numels)):
-            bad = next((i for i, (t, k) in enumerate(zip(tensors, numels)) if t.numel() != k), None)
-            detail = f"parameter {bad} has {numels[bad]} elements, its {name} {tensors[bad].numel()}" \
-                if bad is not None else f"{n} parameters but {len(tensors)} {name} tensors"
-            raise ValueError(f"{name} must match its parameter in size: {detail}")
+    numels = check_sizes(params, grad=grads, exp_avg=exp_avgs, exp_avg_sq=exp_avg_sqs)
     if bias_corrections is None:
         bc1 = bc2 = None
     else:
