@@ -46,6 +46,25 @@ def test_each_variant_changes_one_thing_from_the_recipe():
     assert BY_NAME["adam_l2"].flags(1e-3, 32, 100)[-1] == "l2"
 
 
+@pytest.mark.slow
+def test_lr_sweep_picks_the_best_multiplier_from_its_runs(tmp_path):
+    from bertopt.study import lr_sweep
+
+    report = lr_sweep.sweep(tmp_path, seed=7, multipliers=[1.0, 10.0], tasks=("pretrain",), optimizer="lamb",
+                            quick=True, log=lambda line: None)
+    assert json.loads((tmp_path / "lr-sweep-lamb-pretrain.json").read_text()) == report
+    base, big = report["sweeps"]
+    assert (base["batch_multiplier"], big["batch_multiplier"]) == (1, 4)
+    assert [r["multiplier"] for r in base["runs"]] == [1.0, 10.0]
+    assert [r["multiplier"] for r in big["runs"]] == [2.0, 20.0]  # 2x the LR at 4x batch, as bert_4x
+    for sweep in (base, big):
+        for run in sweep["runs"]:  # the numbers are those of the runs on disk
+            name = f"lamb{'_4x' if sweep['batch_multiplier'] == 4 else ''}_lrx{run['multiplier']:g}"
+            summary = json.loads((tmp_path / "runs" / "pretrain" / name / "seed7" / "summary.json").read_text())
+            assert summary["eval_loss"] == run["eval_loss"] and summary["run"]["lr"] == pytest.approx(run["lr"])
+        assert sweep["best_multiplier"] == min(sweep["runs"], key=lambda r: r["eval_loss"])["multiplier"]
+
+
 def _table_rows(report: str, heading: str) -> dict[str, list[str]]:
     """The first Markdown table after ``heading``: variant -> cells."""
     section = report.split(heading, 1)[1]

@@ -17,8 +17,9 @@ def task_specs(quick: bool):
     pretrain_metrics = (Metric("eval_loss", "held-out MLM loss", False), Metric("eval_accuracy", "held-out MLM accuracy", True))
     finetune_metrics = (Metric("test_accuracy", "test accuracy", True), Metric("dev_accuracy", "dev accuracy", True),
                         Metric("test_loss", "test loss", False))
-    pretrain_variants = ("bert", "adamw", "adam_l2", "no_warmup", "no_clip", "adam", "lamb", "bert_4x", "lamb_4x")
-    finetune_variants = ("bert", "adamw", "adam_l2", "no_warmup", "no_clip", "adam", "lamb")
+    pretrain_variants = ("bert", "adamw", "adam_l2", "no_warmup", "no_clip", "adam", "lamb", "bert_4x", "lamb_4x",
+                         "bert_lr", "lamb_lr", "bert_4x_lr", "lamb_4x_lr")
+    finetune_variants = ("bert", "adamw", "adam_l2", "no_warmup", "no_clip", "adam", "lamb", "bert_lr", "lamb_lr")
     if quick:
         return [
             TaskSpec("pretrain", "MLM pretraining (quick)", 2e-3, 8, 12,

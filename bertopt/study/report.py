@@ -20,7 +20,11 @@ CLAIMS = (
     (4, "Fine-tuning with BERT's optimizer gains a little (under half a point) over plain Adam", "adam", "bert"),
     (5, "LAMB matters only at large batch (base batch)", "lamb", "bert"),
     (5, "LAMB matters only at large batch (4x batch)", "lamb_4x", "bert_4x"),
+    (5, "LAMB matters only at large batch (base batch, each at its own LR)", "lamb_lr", "bert_lr"),
+    (5, "LAMB matters only at large batch (4x batch, each at its own LR)", "lamb_4x_lr", "bert_4x_lr"),
 )
+# Variants compared with another variant than the baseline (same batch size)
+COMPARED_WITH = {variant: base for _, _, variant, base in CLAIMS if base != BASELINE}
 
 
 def _by(records: list[RunRecord]) -> dict[tuple[str, str], dict[int, RunRecord]]:
@@ -150,10 +154,12 @@ def write_report(out: Path, specs: list[TaskSpec], variants: dict[str, Variant],
             early_mean = summarize([early_loss(r) for r in runs.values()])
             seconds = summarize([r.seconds for r in runs.values()]).mean
             lines.append(f"| `{name}` | " + " | ".join(cells) + f" | {early_mean} | {seconds:.0f} |")
-        lines += ["", f"Paired differences against `{BASELINE}` (variant − baseline; for `lamb_4x` against `bert_4x`):", ""]
+        others = "; ".join(f"for `{v}` against `{b}`" for v, b in COMPARED_WITH.items() if v in spec.variants)
+        lines += ["", f"Paired differences against `{BASELINE}` (variant − baseline"
+                  + (f"; {others}" if others else "") + "):", ""]
         lines += ["| variant | " + " | ".join(m.label for m in spec.metrics) + " |", "|" + "---|" * (len(spec.metrics) + 1)]
         for name in spec.variants:
-            base = "bert_4x" if name == "lamb_4x" else BASELINE
+            base = COMPARED_WITH.get(name, BASELINE)
             if name == base or (spec.name, name) not in table or (spec.name, base) not in table:
                 continue
             cells = []
