@@ -85,6 +85,8 @@ def test_quick_study_report_comes_from_its_runs(tmp_path):
     out = tmp_path / "study"
     assert main(["study", "--quick", "--out", str(out)]) == 0
     report = (out / "report.md").read_text()
+    n_runs = sum(1 for _ in (out / "runs").glob("*/*/seed*"))
+    assert re.search(rf"\b{n_runs} runs taking [\d.]+ min of training", report)
     for heading in ("## MLM pretraining (quick)", "## Fine-tuning MiniLM on Rotten Tomatoes (quick)",
                     "## Early steps: bias correction under warmup", "## Claims"):
         assert heading in report

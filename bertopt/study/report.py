@@ -127,7 +127,8 @@ def write_report(out: Path, specs: list[TaskSpec], variants: dict[str, Variant],
         "",
         f"Command: `{command}`  ",
         f"Versions: {_versions()}; {os.cpu_count()} CPU cores.  ",
-        f"Seeds: {seeds}; total wall time {wall_seconds / 60:.1f} min.",
+        f"Seeds: {seeds}; {len(records)} runs taking {sum(r.seconds for r in records) / 60:.1f} min of training "
+        f"(each run's own wall time); this invocation {wall_seconds / 60:.1f} min (finished runs are reused).",
         "",
         "Every variant is the BERT recipe (BertAdam: no bias correction, decoupled weight decay 0.01 "
         "except LayerNorm/bias, global clip 1.0, 10% linear warmup, Google's linear decay) with one "
