@@ -8,7 +8,8 @@ looked at. Pretraining is swept at the base batch and at 4x batch (there with 2x
 multiplier, the scaling the study's 4x variants use).
 
     python -m bertopt.study.lr_sweep --optimizer lamb --out runs/lr-sweep --seed 100
-    python -m bertopt.study.lr_sweep --optimizer adam --multipliers 0.25 0.5 1 2 4
+    python -m bertopt.study.lr_sweep --optimizer adam --out runs/lr-sweep --seed 100 \
+        --multipliers 0.0625 0.125 0.25 0.5 1 2 4
 
 writes ``<out>/lr-sweep-<optimizer>-<tasks>.json`` (every run's metrics and the choice) and
 prints a table.
