@@ -53,6 +53,12 @@ class AdamHyper:
     decoupled: bool  # True: decay added to the update (BERT, AdamW); False: L2 on the gradient
 
 
+def bias_correction_factors(steps: list[Tensor], h: AdamHyper) -> tuple[list[float], list[float]]:
+    """Per tensor ``(1 - beta1**t, 1 - beta2**t)`` at its step count ``t`` (Python floats)."""
+    ts = [s.item() for s in steps]
+    return [1 - h.beta1**t for t in ts], [1 - h.beta2**t for t in ts]
+
+
 def adam_direction(g: Tensor, m: Tensor, v: Tensor, step: Tensor, h: AdamHyper) -> Tensor:
     """Update the float32 moments in place and return ``m_hat / (sqrt(v_hat) + eps)``.
 
@@ -108,9 +114,9 @@ def bert_adam_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper,
     torch._foreach_mul_(exp_avg_sqs, h.beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - h.beta2)
     if h.bias_correction:
-        ts = [s.item() for s in steps]
-        m_hat = torch._foreach_div(exp_avgs, [1 - h.beta1**t for t in ts])
-        v_hat = torch._foreach_div(exp_avg_sqs, [1 - h.beta2**t for t in ts])
+        bc1, bc2 = bias_correction_factors(steps, h)
+        m_hat = torch._foreach_div(exp_avgs, bc1)
+        v_hat = torch._foreach_div(exp_avg_sqs, bc2)
     else:
         m_hat, v_hat = exp_avgs, exp_avg_sqs
     denom = torch._foreach_sqrt(v_hat)
@@ -134,10 +140,7 @@ def bert_adam_fused(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper, c
         bert_adam_fused_torch(params, grads, exp_avgs, exp_avg_sqs, steps, h, clip_coef)
         return
     with _native.counting_the_step(steps):
-        bias_corrections = None
-        if h.bias_correction:
-            ts = [s.item() for s in steps]
-            bias_corrections = ([1 - h.beta1**t for t in ts], [1 - h.beta2**t for t in ts])
+        bias_corrections = bias_correction_factors(steps, h) if h.bias_correction else None
         _native.adam_step(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, h,
                           None if clip_coef is None else clip_coef.item())
 

@@ -27,8 +27,8 @@ piece is not the norm of the tensor, so the sums of squares are added across the
                trust-ratio norms of a bucket of tensors in one reduction.
 ``fused``      float32 CPU tensors: our C kernel (``_lamb_native``), two passes over
                memory (moments, u written over g and the norms; then p -= lr*r*u), no
-               temporaries; unsharded tensors a cache-sized segment at a time. Elsewhere: torch's fused Adam kernel does the moment update
-               and writes ``-u`` into a reused workspace (run with lr = 1 on a buffer that
+               temporaries; unsharded tensors a cache-sized segment at a time.
+               Elsewhere: torch's fused Adam kernel does the moment update and writes ``-u`` into a reused workspace (run with lr = 1 on a buffer that
                holds ``-wd * p``: ``-wd*p - m_hat/(sqrt(v_hat)+eps) = -u``); then the
                norms, then ``p += lr * r * (-u)``; memory: one workspace the size of one
                bucket (``BUCKET_NUMEL`` elements, or the largest tensor), reused every
@@ -49,7 +49,8 @@ import torch
 from torch import Tensor
 
 from bertopt.optim import _lamb_native, _native
-from bertopt.optim._impl import _NO_BIAS_CORRECTION_STEP, AdamHyper, adam_direction, group_by_device_and_dtype
+from bertopt.optim._impl import (_NO_BIAS_CORRECTION_STEP, AdamHyper, adam_direction, bias_correction_factors,
+                                 group_by_device_and_dtype)
 from bertopt.optim.clip import DTensor, local_part, whole_sums_of_squares
 
 # Elements per bucket of the fast paths: 16M (64 MiB of float32 workspace). Large enough
@@ -120,11 +121,6 @@ def _whole_norms(local_lists: list[list[Tensor]], owners: list[Tensor]) -> list[
     return list(whole.split(len(owners)))
 
 
-def _bias_corrections(steps: list[Tensor], h: AdamHyper) -> tuple[list[float], list[float]]:
-    ts = [s.item() for s in steps]
-    return [1 - h.beta1**t for t in ts], [1 - h.beta2**t for t in ts]
-
-
 def lamb_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, owners, h: LambHyper, clip_coef, workspaces):
     """The reference on lists of local tensors of one device and dtype.
 
@@ -147,7 +143,7 @@ def lamb_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, owners, h: LambHyp
     torch._foreach_mul_(exp_avg_sqs, a.beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - a.beta2)
     if a.bias_correction:
-        bc1, bc2 = _bias_corrections(steps, a)
+        bc1, bc2 = bias_correction_factors(steps, a)
         m_hat = torch._foreach_div(exp_avgs, bc1)
         v_hat = torch._foreach_div(exp_avg_sqs, bc2)
     else:
@@ -213,7 +209,7 @@ def _lamb_native_step(lib, params, grads, exp_avgs, exp_avg_sqs, steps, owners, 
     a = h.adam
     clip = None if clip_coef is None else clip_coef.item()
     with _native.counting_the_step(steps):
-        bias_corrections = _bias_corrections(steps, a) if a.bias_correction else None
+        bias_corrections = bias_correction_factors(steps, a) if a.bias_correction else None
         if not h.adapt:
             _lamb_native.moments(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, a, clip,
                                  apply_scales=[a.lr] * len(params))

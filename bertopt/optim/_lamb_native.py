@@ -176,8 +176,8 @@ static void lamb_apply_item(const job_t *job, const item_t *it, int64_t k) {
 }
 
 /* Pass 2: p -= u * scale[t] (the reference's p.sub_(u * (lr * r))), u = the g of pass 1.
-   Backwards, last item first: pass 1 went forwards, so the p and u it touched last are
-   still in the last-level cache and are read from there. */
+   Backwards, last item first: pass 1 went forwards, so the p and u it touched last may
+   still be cached (measured as a whole with the segments: benchmarks/lamb_segments.py). */
 int bertopt_lamb_apply_f32(float *const *p, float *const *u, const int64_t *numels, int64_t n_tensors,
                            const float *scale, int n_threads, int64_t chunk) {
     int64_t n_items = 0;
@@ -357,10 +357,6 @@ def status() -> str:
     return _kernel.status
 
 
-def _floats(values) -> ctypes.Array:
-    return (ctypes.c_float * len(values))(*values)
-
-
 def moments(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, h, clip_coef: float | None,
             apply_scales: list[float] | None):
     """Pass 1 on ``eligible`` tensors; returns per-tensor sums of squares (float64) of p and u.
@@ -371,12 +367,10 @@ def moments(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, h, clip
     n = len(params)
     _native.check_sizes(params, grad=grads, exp_avg=exp_avgs, exp_avg_sq=exp_avg_sqs)
     p_sq, u_sq = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
-    bc1 = bc2 = None
-    if bias_corrections is not None:
-        bc1, bc2 = _floats(bias_corrections[0]), _floats(bias_corrections[1])
+    bc1, bc2 = _native.bias_correction_arrays(bias_corrections)
     err = lib.bertopt_lamb_moments_f32(
         _native._pointer_array(params), _native._pointer_array(grads), _native._pointer_array(exp_avgs),
-        _native._pointer_array(exp_avg_sqs), _native._numels(params), n, bc1, bc2, None if apply_scales is None else _floats(apply_scales),
+        _native._pointer_array(exp_avg_sqs), _native._numels(params), n, bc1, bc2, None if apply_scales is None else _native._floats(apply_scales),
         clip_coef is not None, 1.0 if clip_coef is None else clip_coef,
         h.beta1, h.beta2, h.eps, h.weight_decay, 1.0 - h.beta1, 1.0 - h.beta2,
         p_sq.data_ptr(), u_sq.data_ptr(), torch.get_num_threads(), _native._CHUNK,
@@ -419,9 +413,7 @@ def step(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, h, clip_co
     (``bertopt_lamb_step_f32``); u is left in ``grads``."""
     n = len(params)
     _native.check_sizes(params, grad=grads, exp_avg=exp_avgs, exp_avg_sq=exp_avg_sqs)
-    bc1 = bc2 = None
-    if bias_corrections is not None:
-        bc1, bc2 = _floats(bias_corrections[0]), _floats(bias_corrections[1])
+    bc1, bc2 = _native.bias_correction_arrays(bias_corrections)
     low, high = trust_clip if trust_clip is not None else (0.0, 0.0)
     err = lib.bertopt_lamb_step_f32(
         _native._pointer_array(params), _native._pointer_array(grads), _native._pointer_array(exp_avgs),

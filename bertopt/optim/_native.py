@@ -514,6 +514,18 @@ def counting_the_step(steps: list[Tensor]):
         raise
 
 
+def _floats(values) -> ctypes.Array:
+    # torch turns Python doubles into float32 for float32 math; so do we (c_float rounds).
+    return (ctypes.c_float * len(values))(*values)
+
+
+def bias_correction_arrays(bias_corrections):
+    """``(bc1, bc2)`` as the kernels take them: float arrays, or (None, None) for no bias correction."""
+    if bias_corrections is None:
+        return None, None
+    return _floats(bias_corrections[0]), _floats(bias_corrections[1])
+
+
 def check_sizes(params: list[Tensor], **lists: list[Tensor]) -> list[int]:
     """The parameters' sizes, after checking that every tensor of ``lists`` has its
     parameter's size. The kernels index all of them by the parameter's size: a mismatch
@@ -536,11 +548,7 @@ def adam_step(lib: ctypes.CDLL, params, grads, exp_avgs, exp_avg_sqs, bias_corre
     """
     n = len(params)
     numels = check_sizes(params, grad=grads, exp_avg=exp_avgs, exp_avg_sq=exp_avg_sqs)
-    if bias_corrections is None:
-        bc1 = bc2 = None
-    else:
-        bc1 = (ctypes.c_float * n)(*bias_corrections[0])
-        bc2 = (ctypes.c_float * n)(*bias_corrections[1])
+    bc1, bc2 = bias_correction_arrays(bias_corrections)
     err = lib.bertopt_adam_f32(
         _pointer_array(params), _pointer_array(grads), _pointer_array(exp_avgs), _pointer_array(exp_avg_sqs),
         (ctypes.c_int64 * n)(*numels), n, bc1, bc2, clip_coef is not None, 1.0 if clip_coef is None else clip_coef,
