@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bertopt import BertAdam
-from bertopt.optim.bert_adam import choose_implementation
+from bertopt.optim.base import choose_implementation
 
 IMPLS = [dict(foreach=False), dict(foreach=True), dict(fused=True)]
 IMPL_IDS = ["reference", "foreach", "fused"]

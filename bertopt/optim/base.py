@@ -6,8 +6,8 @@
   step whose norm is inf/nan skipped whole and counted (``skipped_steps``), like GradScaler;
 - ``max_grad_norm`` and ``skipped_steps`` carried in ``state_dict()`` under the key "bertopt".
 
-A subclass says how to pick an implementation for a group (``_implementation``), where a new
-step counter lives (``_new_step``) and how to update one group (``_update``).
+A subclass says where a new step counter lives (``_new_step``) and how to update one group
+(``_update``); the implementation of a group is chosen here (``choose_implementation``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from bertopt.optim.clip import clip_coefficient, global_grad_norm
+from bertopt.optim.clip import DTensor, clip_coefficient, global_grad_norm, local_part
 
 
 def check_hyperparameters(lr, betas, eps, weight_decay) -> None:
@@ -39,6 +39,31 @@ def check_hyperparameters(lr, betas, eps, weight_decay) -> None:
 def check_max_grad_norm(max_grad_norm) -> None:
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0 or None (no clipping), got {max_grad_norm}")
+
+
+def choose_implementation(params: list[Tensor], foreach: bool | None, fused: bool | None) -> str:
+    """Like torch.optim: fused when asked for or when every tensor supports it."""
+    if foreach and fused:
+        raise ValueError("foreach and fused cannot both be True; pick one (fused is faster where it exists)")
+    supported = torch.utils._foreach_utils._get_fused_kernels_supported_devices()
+    fusable = all(
+        p.device.type in supported and p.is_floating_point() and not isinstance(p, DTensor) for p in params
+    )
+    if fused:
+        if not fusable:
+            raise ValueError(
+                "fused=True needs floating-point, non-DTensor parameters on one of "
+                f"{supported}; use foreach=True or leave fused=None"
+            )
+        return "fused"
+    if foreach:
+        return "foreach"
+    if foreach is None and fused is None:
+        if fusable:
+            return "fused"
+        if all(p.device.type != "cpu" for p in params):
+            return "foreach"
+    return "reference"
 
 
 class GlobalClipOptimizer(Optimizer):
@@ -83,7 +108,9 @@ class GlobalClipOptimizer(Optimizer):
     # --- what a subclass defines ---
 
     def _implementation(self, group: dict[str, Any], params: list[Tensor]) -> str:
-        raise NotImplementedError
+        # Judged on the local shards: the fast paths work on the piece of each DTensor this
+        # process holds (norms that need whole tensors are reduced across processes).
+        return choose_implementation([local_part(p) for p in params], group["foreach"], group["fused"])
 
     def _new_step(self, p: Tensor, impl: str) -> Tensor:
         raise NotImplementedError

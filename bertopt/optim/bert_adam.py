@@ -13,39 +13,8 @@ from torch import Tensor
 
 from bertopt.optim import _impl
 from bertopt.optim.base import GlobalClipOptimizer
-from bertopt.optim.clip import local_part
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover
-    DTensor = ()  # type: ignore[assignment,misc]
 
 WEIGHT_DECAY_MODES = ("decoupled", "l2")
-
-
-def choose_implementation(params: list[Tensor], foreach: bool | None, fused: bool | None) -> str:
-    """Like torch.optim: fused when asked for or when every tensor supports it."""
-    if foreach and fused:
-        raise ValueError("foreach and fused cannot both be True; pick one (fused is faster where it exists)")
-    supported = torch.utils._foreach_utils._get_fused_kernels_supported_devices()
-    fusable = all(
-        p.device.type in supported and p.is_floating_point() and not isinstance(p, DTensor) for p in params
-    )
-    if fused:
-        if not fusable:
-            raise ValueError(
-                "fused=True needs floating-point, non-DTensor parameters on one of "
-                f"{supported}; use foreach=True or leave fused=None"
-            )
-        return "fused"
-    if foreach:
-        return "foreach"
-    if foreach is None and fused is None:
-        if fusable:
-            return "fused"
-        if all(p.device.type != "cpu" for p in params):
-            return "foreach"
-    return "reference"
 
 
 class BertAdam(GlobalClipOptimizer):
@@ -109,11 +78,6 @@ class BertAdam(GlobalClipOptimizer):
             group.setdefault("weight_decay_mode", "decoupled")
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
-
-    def _implementation(self, group: dict[str, Any], params: list[Tensor]) -> str:
-        # On the local shards: the update is elementwise, so the kernels can work on the
-        # piece of each DTensor this process holds (the clip's global norm is whole-tensor).
-        return choose_implementation([local_part(p) for p in params], group["foreach"], group["fused"])
 
     def _new_step(self, p: Tensor, impl: str) -> Tensor:
         # The fused kernels want the step on the parameter's device; the others on CPU.

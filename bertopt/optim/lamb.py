@@ -16,8 +16,6 @@ from torch import Tensor
 from bertopt.optim import _lamb
 from bertopt.optim._impl import AdamHyper
 from bertopt.optim.base import GlobalClipOptimizer
-from bertopt.optim.bert_adam import choose_implementation
-from bertopt.optim.clip import local_part
 
 
 def check_trust_options(trust_clip, always_adapt) -> None:
@@ -123,10 +121,6 @@ class Lamb(GlobalClipOptimizer):
         for group in self.param_groups:  # a checkpoint stores the pair as a list
             if group.get("trust_clip") is not None:
                 group["trust_clip"] = tuple(group["trust_clip"])
-
-    def _implementation(self, group: dict[str, Any], params: list[Tensor]) -> str:
-        # Our fast paths work on the local shards of DTensors, so judge those.
-        return choose_implementation([local_part(p) for p in params], group["foreach"], group["fused"])
 
     def _new_step(self, p: Tensor, impl: str) -> Tensor:
         # The step lives on the CPU (no device sync to read it); the fused path hands the
