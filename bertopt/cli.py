@@ -96,6 +96,20 @@ def report_error(command: str, exc: BaseException) -> int:
     return exit_code(exc)
 
 
+def run_training_command(command: str, main, args) -> int:
+    """``main(args)`` of a training command as an exit code: its errors reported as one paragraph
+    (ValueError: bad input, 2; anything else: failed, 1; raised with --debug), else 0 when done
+    or 130/143 when it stopped on SIGINT/SIGTERM after saving a checkpoint (``stopped_by``).
+    Callers that are not :func:`main` (the study runs commands in-process) get a code too."""
+    try:
+        summary = main(args)
+    except Exception as exc:
+        if getattr(args, "debug", False):
+            raise
+        return report_error(command, exc)
+    return {None: EXIT_OK, "SIGINT": EXIT_SIGINT}.get(summary.get("stopped_by"), EXIT_SIGTERM)
+
+
 def _report_stop(command: str, code: int) -> int:
     name = "Ctrl-C (SIGINT)" if code == EXIT_SIGINT else "SIGTERM"
     print(f"bertopt {command}: stopped by {name} without saving the current state (it came before or after "

@@ -294,15 +294,9 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """CLI entry: :func:`main` plus one-paragraph errors and the exit codes of `bertopt pretrain`
     (0 done, 1 failed, 2 bad input, 130/143 stopped by SIGINT/SIGTERM after saving a checkpoint)."""
-    from bertopt.cli import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, report_error
+    from bertopt.cli import run_training_command
 
-    try:
-        summary = main(args)
-    except Exception as exc:  # ValueError (bad flag, file or data) -> 2; CheckpointError, TrainingError, OSError -> 1
-        if getattr(args, "debug", False):
-            raise
-        return report_error("finetune", exc)
-    return {None: EXIT_OK, "SIGINT": EXIT_SIGINT}.get(summary.get("stopped_by"), EXIT_SIGTERM)
+    return run_training_command("finetune", main, args)
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:

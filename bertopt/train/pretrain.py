@@ -287,16 +287,9 @@ def ensure_writable_dir(path: Path, flag: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """CLI entry: :func:`main` plus one-paragraph errors and exit codes (0 done, 1 failed,
     2 bad input, 130/143 stopped by SIGINT/SIGTERM after saving a checkpoint); see bertopt.cli."""
-    from bertopt.cli import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, report_error
+    from bertopt.cli import run_training_command
 
-    try:
-        summary = main(args)
-    except Exception as exc:  # ValueError/CorpusError/UsageError -> 2; CheckpointError, TrainingError, OSError -> 1
-        if getattr(args, "debug", False):
-            raise
-        return report_error("pretrain", exc)
-    stopped_by = summary.get("stopped_by")
-    return {None: EXIT_OK, "SIGINT": EXIT_SIGINT}.get(stopped_by, EXIT_SIGTERM)
+    return run_training_command("pretrain", main, args)
 
 
 def _log(ctx):
