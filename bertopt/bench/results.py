@@ -85,8 +85,7 @@ def lamb_line(result: dict) -> str | None:
 def paired_median_ratio(numerators: list[float], denominators: list[float]) -> float:
     """Median over rounds of numerator/denominator. Times are stored in round order and a
     method with k repetitions ran in rounds 0..k-1, so index i is round i for both lists."""
-    ratios = sorted(a / b for a, b in zip(numerators, denominators))
-    return statistics.median(ratios)
+    return statistics.median(a / b for a, b in zip(numerators, denominators))
 
 
 def table(result: dict, memory: dict | None = None) -> str:
@@ -109,8 +108,8 @@ def table(result: dict, memory: dict | None = None) -> str:
             cell = "" if m is None else f"{m['percent_of_param_bytes']:.1f}%"
             row += f"{cell:>10}"
         lines.append(row)
-    if lamb_line(result):
-        lines.append(lamb_line(result))
+    if line := lamb_line(result):
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -200,8 +199,8 @@ def markdown(report: dict) -> str:
                 f"{_x(s['speedup_vs_torch_fused_paired'])}, {_x(s['speedup_vs_ppb_paired'])} | {mem_cell} |"
             )
         out.append("")
-        if lamb_line(headline):
-            out += [lamb_line(headline), ""]
+        if line := lamb_line(headline):
+            out += [line, ""]
     if len(sizes) > 1:
         names = [n for n in METHODS if any(n in r["methods"] for r in sizes)]
         with_lamb = any(r.get("lamb_vs_bertadam") for r in sizes)

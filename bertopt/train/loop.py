@@ -83,8 +83,6 @@ class TrainingTask(Protocol):
     def forward(self, model: torch.nn.Module, batch: Any) -> StepOutput: ...
 
 
-
-
 @dataclass
 class LoopConfig:
     out_dir: str | Path
