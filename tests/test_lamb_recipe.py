@@ -101,10 +101,10 @@ def test_unknown_optimizer_is_rejected():
 
 
 def test_cli_flags_reach_lamb():
-    optim_args = pytest.importorskip("bertopt.train.optim_args")
-    parser = argparse.ArgumentParser()
-    optim_args.add_optimizer_arguments(parser, lr=2e-3, batch_size=32)
-    args = parser.parse_args(["--optimizer", "lamb", "--warmup-steps", "3"])
-    opt, scheduler = optim_args.build_optimizer(TinyBert(), args, num_train_steps=30)
+    from bertopt.cli import build_parser, config_from_args
+    from bertopt.train.command import build_optimizer
+
+    args = build_parser().parse_args(["pretrain", "--optimizer", "lamb", "--warmup-steps", "3", "--lr", "2e-3"])
+    opt, scheduler = build_optimizer(TinyBert(), config_from_args("pretrain", args).optim, num_train_steps=30)
     assert isinstance(opt, Lamb) and opt.max_grad_norm == 1.0
     assert scheduler.lr_at(15)[0] == pytest.approx(2e-3 * 0.5**0.5)

@@ -38,12 +38,11 @@ def test_analytic_bias_correction_ratio():
 def test_each_variant_changes_one_thing_from_the_recipe():
     base = BY_NAME["bert"]
     for v in VARIANTS:
-        flags = v.flags(1e-3, 32, 100)
-        assert flags[flags.index("--lr") + 1] == repr(1e-3 * v.lr_multiplier)
-        assert flags[flags.index("--steps") + 1] == str(100 // v.batch_multiplier)
-    assert "--bias-correction" in BY_NAME["adamw"].flags(1e-3, 32, 100)
-    assert "--bias-correction" not in base.flags(1e-3, 32, 100)
-    assert BY_NAME["adam_l2"].flags(1e-3, 32, 100)[-1] == "l2"
+        assert v.optim(1e-3).lr == 1e-3 * v.lr_multiplier
+        assert v.batch_and_steps(32, 100)[1] == 100 // v.batch_multiplier
+    assert BY_NAME["adamw"].optim(1e-3).bias_correction is True
+    assert base.optim(1e-3).bias_correction is None  # the optimizer's own: off for BertAdam
+    assert BY_NAME["adam_l2"].optim(1e-3).weight_decay_mode == "l2"
 
 
 @pytest.mark.slow

@@ -23,18 +23,18 @@ def task_specs(quick: bool):
     if quick:
         return [
             TaskSpec("pretrain", "MLM pretraining (quick)", 2e-3, 8, 12,
-                     ("--preset", "nano", "--seq-len", "32", "--eval-sequences", "16",
-                      "--log-every", "2", "--threads", "1"), pretrain_metrics, pretrain_variants),
+                     {"preset": "nano", "seq_len": 32, "eval_sequences": 16,
+                      "run": {"log_every": 2, "threads": 1}}, pretrain_metrics, pretrain_variants),
             TaskSpec("finetune", "Fine-tuning MiniLM on Rotten Tomatoes (quick)", 1e-4, 8, 10,
-                     ("--max-seq-length", "24", "--max-train-examples", "80", "--max-eval-examples", "32",
-                      "--log-every", "2", "--eval-every", "0", "--threads", "1"), finetune_metrics, finetune_variants),
+                     {"max_seq_length": 24, "max_train_examples": 80, "max_eval_examples": 32,
+                      "run": {"log_every": 2, "eval_every": 0, "threads": 1}}, finetune_metrics, finetune_variants),
         ]
     return [
         TaskSpec("pretrain", "MLM pretraining, BERT-tiny on the Wikipedia sample", 1e-3, 32, 240,
-                 ("--preset", "tiny", "--seq-len", "64", "--log-every", "10", "--eval-every", "0", "--threads", "1"),
+                 {"preset": "tiny", "seq_len": 64, "run": {"log_every": 10, "eval_every": 0, "threads": 1}},
                  pretrain_metrics, pretrain_variants),
         TaskSpec("finetune", "Fine-tuning MiniLM-L6 on Rotten Tomatoes", 1e-4, 32, 100,
-                 ("--max-seq-length", "40", "--log-every", "10", "--eval-every", "0", "--threads", "1"),
+                 {"max_seq_length": 40, "run": {"log_every": 10, "eval_every": 0, "threads": 1}},
                  finetune_metrics, finetune_variants),
     ]
 

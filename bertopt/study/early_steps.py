@@ -67,10 +67,11 @@ def measure(*, steps: int = 60, warmup_steps: int = 30, total_steps: int = 300, 
     from bertopt.recipe import create_optimizer
     from bertopt.train import data as data_mod
     from bertopt.train.distributed import DistContext
-    from bertopt.train.pretrain import DEFAULTS, MaskedLMTask, _default_cache_dir, masked_lm_objective
+    from bertopt.train.config import PretrainConfig
+    from bertopt.train.pretrain import MaskedLMTask, default_cache_dir, masked_lm_objective
     from bertopt.train.presets import build_config
 
-    prepared = data_mod.prepare_data(data_mod.wiki_corpus(), _default_cache_dir(), vocab_size=DEFAULTS["vocab_size"],
+    prepared = data_mod.prepare_data(data_mod.wiki_corpus(), default_cache_dir(), vocab_size=PretrainConfig.vocab_size,
                                      seq_len=seq_len, log=lambda message: None)
     task = MaskedLMTask(prepared.train, prepared.eval[:8], vocab_size=prepared.vocab_size, batch_size=batch_size,
                         mask_prob=0.15, seed=seed, ctx=DistContext())
@@ -90,8 +91,8 @@ def measure(*, steps: int = 60, warmup_steps: int = 30, total_steps: int = 300, 
         for model, opt, sched, bias_correction in runs:
             lr_used = opt.param_groups[0]["lr"]
             before = [p.detach().clone() for p in model.parameters()]
-            loss_sum, _ = model(*batch)
-            (loss_sum / len(batch[3])).backward()
+            loss_sum, _ = task.run_model(model, batch)
+            (loss_sum / len(batch.labels)).backward()
             opt.step()
             sched.step()
             opt.zero_grad()

@@ -1,7 +1,8 @@
 """Run every (task, seed, variant) of the study through the real training commands.
 
-Each run is ``bertopt pretrain`` or ``bertopt finetune`` called in-process with the variant's
-flags, into ``<out>/runs/<task>/<variant>/seed<k>/``. Runs of one seed share the model
+Each run is ``bertopt pretrain`` or ``bertopt finetune`` run in-process (the command skeleton,
+:func:`bertopt.train.command.run`) on a config built from the task's settings and the variant's
+optimizer settings, into ``<out>/runs/<task>/<variant>/seed<k>/``. Runs of one seed share the model
 initialisation and the data order (both follow ``--seed``), so variants are compared on equal
 terms. Variants are interleaved within a seed, so a machine that slows down mid-study slows all
 variants alike. A finished run (its ``summary.json`` says all steps completed) is not run again:
@@ -35,7 +36,7 @@ class TaskSpec:
     lr: float
     batch_size: int
     steps: int
-    extra_flags: tuple[str, ...]  # size of the model, data subset, evaluation cadence
+    settings: dict  # the command's own settings (model size, data subset) and run settings under "run"
     metrics: tuple[Metric, ...]
     variants: tuple[str, ...]  # which variants run on this task
 
@@ -73,26 +74,37 @@ def _finished(out_dir: Path) -> dict | None:
     return summary
 
 
+def build_config(spec: TaskSpec, variant: Variant, seed: int, out_dir: Path):
+    """The PretrainConfig / FinetuneConfig of one study run."""
+    import dataclasses
+
+    from bertopt.train.config import FinetuneConfig, PretrainConfig
+
+    config_class = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}[spec.name]
+    batch_size, steps = variant.batch_and_steps(spec.batch_size, spec.steps)
+    settings = dict(spec.settings)
+    run = dataclasses.replace(config_class().run, batch_size=batch_size, seed=seed, out=out_dir, progress=False,
+                              **settings.pop("run", {}))
+    return config_class(optim=variant.optim(spec.lr), run=run, steps=steps, **settings)
+
+
 def run_one(spec: TaskSpec, variant: Variant, seed: int, out_dir: Path, *, log: Callable[[str], None]) -> RunRecord:
     """One training run (or its finished result from an earlier study run)."""
-    from bertopt.cli import build_parser
+    from bertopt.train import command, finetune, pretrain
 
     summary = _finished(out_dir)
     seconds = 0.0
     if summary is None:
-        flags = [
-            spec.name, *variant.flags(spec.lr, spec.batch_size, spec.steps), *spec.extra_flags,
-            "--seed", str(seed), "--out", str(out_dir), "--no-progress",
-        ]
-        args = build_parser().parse_args(flags)
+        config = build_config(spec, variant, seed, out_dir)
+        build_job = {"pretrain": pretrain.build_job, "finetune": finetune.build_job}[spec.name]
         start = time.perf_counter()
-        captured = io.StringIO()
-        with contextlib.redirect_stdout(captured):
-            code = args._module.run(args)
+        captured, errors = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(errors):
+            code = command.run(spec.name, config, build_job)
         seconds = time.perf_counter() - start
         if code != 0:
             raise RuntimeError(f"study run {spec.name}/{variant.name}/seed{seed} failed (exit {code}):\n"
-                               f"bertopt {' '.join(flags)}\n{captured.getvalue()[-2000:]}")
+                               f"{config}\n{captured.getvalue()[-2000:]}{errors.getvalue()[-2000:]}")
         summary = _finished(out_dir)
         if summary is None:
             raise RuntimeError(f"study run {spec.name}/{variant.name}/seed{seed} wrote no complete summary in {out_dir}")

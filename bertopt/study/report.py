@@ -117,6 +117,11 @@ def _versions() -> str:
     return ", ".join(parts)
 
 
+def _settings_text(settings: dict) -> str:
+    flat = {**{k: v for k, v in settings.items() if k != "run"}, **settings.get("run", {})}
+    return ", ".join(f"{k}={v}" for k, v in flat.items())
+
+
 def write_report(out: Path, specs: list[TaskSpec], variants: dict[str, Variant], records: list[RunRecord],
                  early: list[EarlyStep], *, command: str, seeds: list[int], wall_seconds: float) -> Path:
     import os
@@ -144,7 +149,7 @@ def write_report(out: Path, specs: list[TaskSpec], variants: dict[str, Variant],
     for spec in specs:
         lines += ["", f"## {spec.title}", "",
                   f"`bertopt {spec.name}` with lr {spec.lr:g}, batch {spec.batch_size}, {spec.steps} steps "
-                  f"(scaled by the variant's batch multiplier), `{' '.join(spec.extra_flags)}`.", ""]
+                  f"(scaled by the variant's batch multiplier), settings `{_settings_text(spec.settings)}`.", ""]
         header = "| variant | " + " | ".join(m.label for m in spec.metrics) + " | early loss | s/run |"
         lines += [header, "|" + "---|" * (len(spec.metrics) + 3)]
         for name in spec.variants:

@@ -24,22 +24,18 @@ class Variant:
     batch_multiplier: int = 1  # global batch = base batch * this; steps = base steps / this
     lr_multiplier: float = 1.0
 
-    def flags(self, base_lr: float, base_batch: int, base_steps: int) -> list[str]:
-        """The pretrain/finetune command-line flags that realise this variant."""
-        flags = [
-            "--optimizer", self.optimizer,
-            "--lr", repr(base_lr * self.lr_multiplier),
-            "--batch-size", str(base_batch * self.batch_multiplier),
-            "--steps", str(max(1, base_steps // self.batch_multiplier)),
-            "--weight-decay", repr(self.weight_decay),
-            "--max-grad-norm", repr(self.max_grad_norm),
-            "--warmup-proportion", repr(self.warmup_proportion),
-        ]
-        if self.optimizer == "adam":
-            flags += ["--weight-decay-mode", self.weight_decay_mode]
-            if self.bias_correction:
-                flags.append("--bias-correction")
-        return flags
+    def optim(self, base_lr: float):
+        """The optimizer settings of this variant (an OptimConfig; the rest is BERT's recipe)."""
+        from bertopt.train.config import OptimConfig
+
+        return OptimConfig(optimizer=self.optimizer, lr=base_lr * self.lr_multiplier, weight_decay=self.weight_decay,
+                           max_grad_norm=self.max_grad_norm, warmup_proportion=self.warmup_proportion,
+                           weight_decay_mode=self.weight_decay_mode if self.optimizer == "adam" else "decoupled",
+                           bias_correction=True if self.optimizer == "adam" and self.bias_correction else None)
+
+    def batch_and_steps(self, base_batch: int, base_steps: int) -> tuple[int, int]:
+        """A larger batch trains for proportionally fewer steps (the same examples seen)."""
+        return base_batch * self.batch_multiplier, max(1, base_steps // self.batch_multiplier)
 
 
 BASELINE = "bert"

@@ -314,3 +314,110 @@ def load_model_state(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     """
     loaded = load_checkpoint(path)
     return loaded.state["model"], dict(loaded.info.meta.get("run", {}))
+
+
+# --- what a training checkpoint holds ---------------------------------------------------------
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, numpy (global) and torch RNG states as plain values and tensors (weights_only-safe)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (str(name), keys.tolist(), int(pos), int(has_gauss), float(gauss)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def get_training_state(model, optimizer) -> tuple[dict, dict]:
+    """Full (unsharded, CPU) model and optimizer state dicts keyed by parameter names.
+
+    Works for plain modules, DDP and FSDP2 alike (collective under FSDP2: call on every rank;
+    ranks other than 0 may receive empty dicts), so a checkpoint saved by N processes can be
+    resumed by M processes, or by one.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_state_dict(model, optimizer, options=options)
+
+
+def get_model_state(model) -> dict:
+    """Full (unsharded, CPU) model state dict keyed by parameter names; see :func:`get_training_state`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def set_training_state(model, optimizer, model_state: dict, optimizer_state: dict | None) -> None:
+    """Load state dicts from :func:`get_training_state` into a (possibly wrapped) model/optimizer
+    (``optimizer=None``: the model only)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    if optimizer is None:
+        set_model_state_dict(model, model_state, options=options)
+    else:
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                       options=options)
+
+
+RESUME_ADVICE = ("--resume takes a checkpoints directory (the newest checkpoint that verifies is used), a "
+                 "step-*.json manifest or the step-*.pt payload a manifest names; --resume alone uses "
+                 "<out>/checkpoints. To start from scratch instead, leave --resume out")
+
+
+def _describe_difference(saved: dict, current: dict) -> str:
+    """``hidden_size: 64 in the checkpoint, 128 in this run`` for the fields that differ."""
+    keys = sorted(set(saved) | set(current), key=str)
+    diffs = [f"{k}: {saved.get(k, '(absent)')!r} in the checkpoint, {current.get(k, '(absent)')!r} in this run"
+             for k in keys if saved.get(k, "(absent)") != current.get(k, "(absent)")]
+    return "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+
+
+def check_compatible(meta: dict, run_info: dict, must_match: tuple[str, ...], where: Path) -> None:
+    """CheckpointError unless the checkpoint was made by the same command with the same settings
+    (``must_match``, keys of ``run_info``). A setting the checkpoint does not record at all means it
+    was written by another command or program: refused too, unless this run leaves it unset (None)."""
+    saved = meta.get("run", {})
+    advice = "resume with the same settings, or start a new run in another --out directory"
+    for key in ("command", *must_match):
+        if key not in run_info:
+            continue
+        current = run_info[key]
+        if key not in saved:
+            if current is None:
+                continue
+            raise CheckpointError(
+                f"{where}: the checkpoint does not record {key} (this run has {key}={current!r}), so it was "
+                f"written by another command or program and cannot be continued here; {advice}"
+            )
+        if saved[key] != current:
+            if isinstance(saved[key], dict) and isinstance(current, dict):
+                difference = f"a different {key} ({_describe_difference(saved[key], current)})"
+            else:
+                difference = f"{key}={saved[key]!r} but this run has {key}={current!r}"
+            raise CheckpointError(f"{where}: the checkpoint was made with {difference}; {advice}")

@@ -165,3 +165,25 @@ def wrap_model(
 
     device_ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=device_ids)
+
+
+def gradient_sync(model: torch.nn.Module, enabled: bool):
+    """A context in whose backward passes gradients are (``enabled``) or are not all-reduced across
+    processes: DDP's ``no_sync``, FSDP2's ``set_requires_gradient_sync``; nothing in one process.
+    Gradient accumulation syncs on the last micro-batch only."""
+    import contextlib
+
+    if enabled:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        @contextlib.contextmanager
+        def fsdp_no_sync():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        return fsdp_no_sync()
+    return contextlib.nullcontext()

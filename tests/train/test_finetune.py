@@ -40,19 +40,26 @@ def write_vocab(directory):
     (directory / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
 
 
-@pytest.fixture
-def tiny_model_dir(tmp_path):
+def write_tiny_model(directory, **config):
     """A random 2-layer BERT saved like any Hugging Face model directory."""
-    directory = tmp_path / "tiny-bert"
     write_vocab(directory)
     torch.manual_seed(0)
-    transformers.BertModel(tiny_bert_config()).save_pretrained(directory)
+    transformers.BertModel(tiny_bert_config(**config)).save_pretrained(directory)
     transformers.BertTokenizer.from_pretrained(str(directory)).save_pretrained(directory)
     return directory
 
 
 @pytest.fixture
+def tiny_model_dir(tmp_path):
+    return write_tiny_model(tmp_path / "tiny-bert")
+
+
+@pytest.fixture
 def sentiment_csv(tmp_path):
+    return write_sentiment_csv(tmp_path / "reviews.csv")
+
+
+def write_sentiment_csv(path):
     """~400 distinct synthetic reviews; the label is whether a positive word occurs."""
     rng = random.Random(0)
     rows, seen = [], set()
@@ -64,7 +71,6 @@ def sentiment_csv(tmp_path):
         if text not in seen:
             seen.add(text)
             rows.append((text, "pos" if label else "neg"))
-    path = tmp_path / "reviews.csv"
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["review", "sentiment"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 
@@ -12,7 +13,8 @@ import torch
 
 from _toy import ToyTask, make_model, make_optimizer
 from bertopt.train import checkpoint as ckpt
-from bertopt.train.loop import EpochBatchSampler, LoopConfig, TrainingError, run_training
+from bertopt.train.loop import LoopConfig, TrainingError, run_training
+from bertopt.train.sampler import EpochBatchSampler
 from bertopt.train.report import read_metrics
 
 TOTAL = 20
@@ -174,3 +176,90 @@ def test_choose_threads(monkeypatch):
     assert distributed.choose_threads(0) == 1  # busy machine: one thread, no spinning
     with pytest.raises(ValueError, match="--threads"):
         distributed.choose_threads(-1)
+
+
+# --- mixed precision ----------------------------------------------------------------------------
+
+
+def test_fp16_run_keeps_the_scaler_state_in_checkpoints_and_resumes_exactly(tmp_path):
+    """The GradScaler path (CUDA's fp16 recipe, run here on CPU): training goes through the scaler,
+    its state is in every checkpoint, and a crashed run resumed from one logs the same curve."""
+    import bertopt
+    from bertopt.train.precision import MixedPrecision
+
+    def run(out, *, resume=None, hook=None):
+        model = make_model(0)
+        optimizer = bertopt.BertAdam(model.parameters(), lr=0.01)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        torch.manual_seed(1000)
+        config = LoopConfig(out_dir=out, total_steps=TOTAL, log_every=2, save_every=5, progress=False,
+                            plots=False, resume=resume, precision="fp16")
+        amp = MixedPrecision("fp16", "cpu")  # for_device() refuses fp16 on a CPU; the mechanics are the same
+        run_training(model, optimizer, scheduler, ToyTask(hook=hook), config, amp=amp)
+        return amp
+
+    amp = run(tmp_path / "straight")
+    records = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    assert records[-1]["loss"] < records[0]["loss"]
+    # the first steps overflow at the initial scale 2**16 and are skipped until the scale fits:
+    # each skip halves it (no growth within 2000 good steps)
+    halvings = math.log2(2.0**16 / amp.scaler.get_scale())
+    assert records[-1]["skipped_steps"] == halvings >= 1
+    saved = ckpt.load_checkpoint(tmp_path / "straight" / "checkpoints").state
+    assert saved["scaler"]["scale"] == amp.scaler.get_scale()
+
+    def crash(step):
+        if step == 13:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "resumed", hook=crash)
+    run(tmp_path / "resumed", resume="auto")
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")
+
+
+def test_fp16_gradient_overflow_skips_the_update(tmp_path, monkeypatch):
+    import bertopt
+    from bertopt.train.loop import LoopState, Training, train_step
+    from bertopt.train.distributed import DistContext
+    from bertopt.train.precision import MixedPrecision
+
+    model = make_model(0)
+    optimizer = bertopt.BertAdam(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    amp = MixedPrecision("fp16", "cpu")
+    amp.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # no overflow until we make one
+    run = Training(model, optimizer, scheduler, ToyTask(), LoopConfig(out_dir=tmp_path, total_steps=5), DistContext(),
+                   amp)
+    state = LoopState()
+    train_step(run, state)
+    assert state.overflow_steps == 0 and int(optimizer.state[model[0].weight]["step"]) == 1
+    before = [p.detach().clone() for p in model.parameters()]
+    scale = amp.scaler.get_scale()
+    # an overflowing backward: gradients of the scaled loss reach inf in one parameter
+    model[0].weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    train_step(run, state)
+    assert state.overflow_steps == 1 and state.skipped_steps(optimizer) == 1
+    assert amp.scaler.get_scale() == scale / 2  # the scaler backs off
+    assert int(optimizer.state[model[0].weight]["step"]) == 1  # the optimizer did not count it
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_bf16_autocast_trains_with_fp32_weights(tmp_path):
+    from bertopt.train.precision import MixedPrecision
+
+    seen = []
+    result, model = _run(tmp_path, precision="bf16")
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with MixedPrecision("bf16", "cpu").autocast():
+        seen.append(model(torch.randn(2, 8)).dtype)
+    assert seen == [torch.bfloat16]
+
+
+def test_fp16_on_a_cpu_is_a_clear_error():
+    from bertopt.train.precision import MixedPrecision
+
+    with pytest.raises(ValueError, match="--precision fp16 needs a CUDA GPU.*--precision bf16"):
+        MixedPrecision.for_device("fp16", torch.device("cpu"))

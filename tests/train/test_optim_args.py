@@ -1,20 +1,18 @@
-"""The shared optimizer flags: bias correction follows the optimizer unless the flag says otherwise."""
+"""The shared optimizer flags (parsed into an OptimConfig): bias correction follows the optimizer
+unless the flag says otherwise."""
 
 from __future__ import annotations
-
-import argparse
 
 import pytest
 import torch
 
 import bertopt
-from bertopt.train.optim_args import add_optimizer_arguments, build_optimizer, optimizer_settings
+from bertopt.cli import build_parser, config_from_args
+from bertopt.train.command import build_optimizer
 
 
 def parse(*argv):
-    parser = argparse.ArgumentParser()
-    add_optimizer_arguments(parser, lr=1e-3, batch_size=8)
-    return parser.parse_args(list(argv))
+    return config_from_args("pretrain", build_parser().parse_args(["pretrain", "--batch-size", "8", *argv])).optim
 
 
 @pytest.mark.parametrize("argv, optimizer_type, expected", [
@@ -28,9 +26,9 @@ def test_bias_correction_default_is_the_optimizers(argv, optimizer_type, expecte
     optimizer, _ = build_optimizer(torch.nn.Linear(3, 3), args, 10)
     assert isinstance(optimizer, optimizer_type)
     assert all(group["bias_correction"] is expected for group in optimizer.param_groups)
-    assert optimizer_settings(args)["bias_correction"] is expected
+    assert args.settings()["bias_correction"] is expected
 
 
 def test_l2_mode_with_lamb_is_rejected_early():
     with pytest.raises(ValueError, match="--weight-decay-mode l2 is for --optimizer adam"):
-        build_optimizer(torch.nn.Linear(3, 3), parse("--optimizer", "lamb", "--weight-decay-mode", "l2"), 10)
+        parse("--optimizer", "lamb", "--weight-decay-mode", "l2")

@@ -177,8 +177,10 @@ def test_config_file_errors(tmp_path):
         config_from_file(tmp_path / "missing.json", 300)
 
 
-def test_default_args_for_in_process_use():
-    args = pretrain.default_args(steps=7, lr=1e-3)
-    assert (args.steps, args.lr, args.preset, args.optimizer) == (7, 1e-3, None, "adam")
-    with pytest.raises(ValueError, match="unknown pretrain option"):
-        pretrain.default_args(stepz=7)
+def test_config_for_in_process_use():
+    from bertopt.train.config import OptimConfig, PretrainConfig
+
+    config = PretrainConfig(steps=7, optim=OptimConfig(lr=1e-3))
+    assert (config.steps, config.optim.lr, config.preset, config.optim.optimizer) == (7, 1e-3, None, "adam")
+    with pytest.raises(TypeError, match="stepz"):
+        PretrainConfig(stepz=7)

@@ -1,0 +1,126 @@
+"""`bertopt pretrain` options beyond the defaults: --precision, --compile, --init-from (BERT's
+phase 2), and the errors each gives for input it cannot honour."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from _corpus import write_corpus
+from bertopt.cli import main as cli
+from bertopt.train.report import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    base = tmp_path_factory.mktemp("options")
+    return {"text": write_corpus(base / "text", documents=200), "cache": base / "cache"}
+
+
+def _argv(corpus, out, *extra, steps=6, preset="nano"):
+    return ["pretrain", *(["--preset", preset] if preset else []), "--corpus", str(corpus["text"]), "--cache-dir", str(corpus["cache"]),
+            "--vocab-size", "300", "--seq-len", "32", "--batch-size", "8", "--steps", str(steps), "--lr", "3e-3",
+            "--log-every", "1", "--eval-every", "0", "--threads", "1", "--no-progress", "--out", str(out), *extra]
+
+
+def _error(capsys, *fragments):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+
+
+def test_bf16_trains_and_records_its_precision(corpus, tmp_path):
+    out = tmp_path / "bf16"
+    assert cli(_argv(corpus, out, "--precision", "bf16", "--dropout", "0", steps=12)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run"]["precision"] == "bf16"
+    assert summary["eval_loss"] < summary["eval_loss_at_start"]
+    # the same run in fp32 starts from the same loss to bf16 rounding, then both learn
+    fp32 = tmp_path / "fp32"
+    assert cli(_argv(corpus, fp32, "--dropout", "0", steps=12)) == 0
+    first_bf16, first_fp32 = (read_metrics(d / "metrics.jsonl")[1]["loss"] for d in (out, fp32))
+    assert first_bf16 == pytest.approx(first_fp32, rel=2e-2)
+
+
+def test_fp16_on_a_cpu_is_refused_before_any_work(corpus, tmp_path, capsys):
+    assert cli(_argv(corpus, tmp_path / "out", "--precision", "fp16")) == 2
+    _error(capsys, "--precision fp16 needs a CUDA GPU", "--precision bf16")
+    assert not (tmp_path / "out").exists()
+
+
+def test_compile_matches_eager_and_reports_the_first_step(corpus, tmp_path):
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert cli(_argv(corpus, eager, "--dropout", "0", steps=4)) == 0
+    assert cli(_argv(corpus, compiled, "--dropout", "0", "--compile", steps=4)) == 0
+    for a, b in zip(read_metrics(eager / "metrics.jsonl"), read_metrics(compiled / "metrics.jsonl")):
+        if "loss" in a:  # inductor fuses differently: equal to float32 rounding, not bit for bit
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    summary = json.loads((compiled / "summary.json").read_text())
+    assert summary["first_step_s"] > 0 and summary["run"]["command"] == "pretrain"
+
+
+def test_compile_without_a_working_compiler_says_how_to_run_without_it(corpus, tmp_path, capsys, monkeypatch):
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, "/nonexistent/c++"))  # what $CXX would set
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor-cache"))  # no cached kernels to reuse
+    out = tmp_path / "out"
+    assert cli(_argv(corpus, out, "--compile", steps=2)) == 2
+    _error(capsys, "--compile: torch.compile failed", "run without --compile")
+    assert not (out / "checkpoints").exists()  # nothing was trained, nothing to lose
+
+
+def test_init_from_starts_phase_two_from_a_finished_runs_weights(corpus, tmp_path):
+    phase1 = tmp_path / "phase1"
+    assert cli(_argv(corpus, phase1, steps=30)) == 0
+    first = json.loads((phase1 / "summary.json").read_text())
+    phase2 = tmp_path / "phase2"
+    assert cli(_argv(corpus, phase2, "--init-from", str(phase1), "--seq-len", "64", steps=10, preset=None)) == 0
+    second = json.loads((phase2 / "summary.json").read_text())
+    # it starts where phase 1 ended (the held-out loss of a fresh model is ~ln(300) = 5.7)
+    assert second["eval_loss_at_start"] < first["eval_loss_at_start"] - 0.5
+    assert second["run"]["init_from"] == str(phase1) and second["run"]["seq_len"] == 64
+    records = read_metrics(phase2 / "metrics.jsonl")
+    assert records[1]["lr"] == 0.0  # a fresh schedule: warmup from 0 again
+
+
+def test_init_from_refuses_an_unfinished_run_or_another_vocabulary(corpus, tmp_path, capsys):
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    assert cli(_argv(corpus, tmp_path / "a", "--init-from", str(unfinished), preset=None)) == 2
+    _error(capsys, "not a finished `bertopt pretrain` run", "--resume")
+    phase1 = tmp_path / "phase1"
+    assert cli(_argv(corpus, phase1, steps=2)) == 0
+    other_vocab = _argv(corpus, tmp_path / "b", "--init-from", str(phase1), preset=None)
+    other_vocab[other_vocab.index("--vocab-size") + 1] = "400"
+    assert cli(other_vocab) == 2
+    _error(capsys, "tokenizer differs", "same corpus, --vocab-size")
+    assert cli(_argv(corpus, tmp_path / "c", "--init-from", str(phase1), preset="tiny")) == 2
+    _error(capsys, "--init-from takes the model from that run; leave out --preset and --config")
+
+
+def test_resume_with_a_different_global_batch_is_refused(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(_argv(corpus, out, "--save-every", "2", steps=4)) == 0
+    argv = _argv(corpus, out, "--resume", steps=4)
+    argv[argv.index("--batch-size") + 1] = "16"
+    assert cli(argv) == 1
+    _error(capsys, "batch_size=8 but this run has batch_size=16", "resume with the same settings")
+
+
+def test_a_missing_train_extra_names_the_pip_line(corpus, tmp_path, capsys, monkeypatch):
+    """`pip install bertopt` without the `train` extra: the training commands say what to install."""
+    monkeypatch.setitem(sys.modules, "numpy", None)  # import numpy now fails, as when it is absent
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "numpy" else real_find_spec(name, *a))
+    assert cli(_argv(corpus, tmp_path / "out")) == 1
+    _error(capsys, "bertopt pretrain needs the packages of bertopt's `train` extra", "numpy is not installed",
+           "pip install 'bertopt[train]'")
