@@ -156,7 +156,7 @@ def train(name: str, config, build_job: Callable[..., Job]) -> dict[str, Any]:
     from bertopt.train.checkpoint import get_model_state
     from bertopt.train.distributed import choose_threads, init_distributed, teardown_distributed, wrap_model
     from bertopt.train.loop import LoopConfig, run_training
-    from bertopt.train.precision import MixedPrecision
+    from bertopt.train.precision import MixedPrecision, precision_note
     from bertopt.train.report import write_summary
 
     wall_start = time.perf_counter()
@@ -164,6 +164,8 @@ def train(name: str, config, build_job: Callable[..., Job]) -> dict[str, Any]:
     ctx = init_distributed(run.device)
     log = _logger(ctx)
     amp = MixedPrecision.for_device(run.precision, ctx.device)
+    if (note := precision_note(run.precision, ctx.device)) is not None:
+        log(note)
     threads_before = torch.get_num_threads()  # restored at the end: train() may run inside a bigger program
     torch.set_num_threads(threads := choose_threads(run.threads, world_size=ctx.world_size))
     try:

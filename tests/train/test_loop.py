@@ -263,3 +263,13 @@ def test_fp16_on_a_cpu_is_a_clear_error():
 
     with pytest.raises(ValueError, match="--precision fp16 needs a CUDA GPU.*--precision bf16"):
         MixedPrecision.for_device("fp16", torch.device("cpu"))
+
+
+def test_bf16_on_a_cpu_without_bf16_units_gets_a_note(monkeypatch):
+    from bertopt.train import precision
+
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
+    assert "no bfloat16 units" in precision.precision_note("bf16", torch.device("cpu"))
+    assert precision.precision_note("fp32", torch.device("cpu")) is None
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
+    assert precision.precision_note("bf16", torch.device("cpu")) is None
