@@ -13,11 +13,9 @@ that kernel called with the right ``lr``, ``wd`` and ``c`` (``fused_update``):
 
 * pytorch-pretrained-bert's BertAdam is it exactly, with ``lr`` its scheduled LR and
   ``c`` each tensor's own clip coefficient: one call per distinct coefficient.
-* transformers' AdamW decays *after* the Adam step, ``p1 = p - s * u``,
-  ``p2 = p1 - lr * wd * p1``, with ``s = lr * sqrt(1 - b2^t) / (1 - b1^t)`` (or ``lr``):
-  ``p2 = p - s (1 - lr wd) u - lr wd p``, i.e. the kernel with ``lr' = s (1 - lr wd)``
-  and ``wd' = lr wd / lr'``. The same value, in a different rounding order (a few
-  float32 ulps of p per step; the tests bound the drift).
+* transformers' AdamW is it with ``wd = 0`` and ``lr = s = lr * sqrt(1 - b2^t) / (1 - b1^t)``
+  (or ``lr``), followed by its decay of the updated parameter, ``p -= lr * wd * p``, as a
+  separate pass (see ``adamw.adamw_fused`` for why not folded into the kernel).
 """
 
 from __future__ import annotations
