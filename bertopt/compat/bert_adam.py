@@ -231,7 +231,14 @@ def bert_adam_foreach(params, grads, next_ms, next_vs, steps, group) -> None:
 
 
 def bert_adam_fused(params, grads, next_ms, next_vs, steps, group) -> None:
-    """bertopt's fused kernel, once per distinct (step, clip coefficient); unclipped tensors share a call."""
+    """bertopt's fused kernel, once per distinct (step, clip coefficient); unclipped tensors share a call.
+
+    With decay, only bertopt's native kernel computes 0.6.2's ``p - lr * (u + wd * p)``
+    closely enough; where torch's fused kernel would run instead, the foreach path does.
+    """
+    if group["weight_decay"] > 0.0 and not _engine.native_kernel_takes(params, grads, next_ms, next_vs):
+        bert_adam_foreach(params, grads, next_ms, next_vs, steps, group)
+        return
     lrs = _scheduled_lrs(group, steps)
     coefs = (clip_coefficients(grads, group["max_grad_norm"]) if group["max_grad_norm"] > 0
              else [1.0] * len(params))
