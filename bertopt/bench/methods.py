@@ -147,7 +147,7 @@ LAMB_FAST_PATH = "bertopt-lamb-fused"  # its target: <= 1.5x FAST_PATH on the sa
 def unavailable_reason(name: str) -> str | None:
     if name == PPB:
         return _ppb_available()
-    if name == TRANSFORMERS_ADAMW:
+    if name in (TRANSFORMERS_ADAMW, TRANSFORMERS_ADAMW_STEP):
         return _transformers_adamw_available()
     return None
 
@@ -168,6 +168,7 @@ def select(names: list[str] | None) -> list[Method]:
 # The drop-ins keep the originals' updates (per-tensor clipping for ppb's BertAdam).
 
 TRANSFORMERS_ADAMW = "transformers-adamw"
+TRANSFORMERS_ADAMW_STEP = "transformers-adamw-step"
 
 
 def _transformers_adamw_available() -> str | None:
@@ -179,11 +180,16 @@ def _transformers_adamw_available() -> str | None:
     return None
 
 
-def _adamw_with_clip(make_optimizer):
-    """clip_grad_norm_ (torch, global, as Trainer does) + a transformers-style AdamW, BERT settings."""
+def _adamw_with_clip(make_optimizer, clip: bool = True):
+    """clip_grad_norm_ (torch, global, as Trainer does) + a transformers-style AdamW, BERT settings.
+
+    ``clip=False``: the optimizer's step() alone, to compare the two updates without the
+    clipping they share."""
     def build(params, names, moments):
         opt = make_optimizer(_groups(params, names))
         _prefill(opt, params, moments, step=lambda: 0)  # transformers keeps the step as an int
+        if not clip:
+            return opt.step
 
         def step():
             torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM, foreach=True)
@@ -219,10 +225,16 @@ def _compat_bert_adam(params, names, moments):
 METHODS.update({
     m.name: m
     for m in [
+        # bytes: the update 28 (read p, g, m, v; write p, m, v), the decay pass after it 8,
+        # clip_grad_norm_ 12 (read g for the norm, rewrite g)
         Method(TRANSFORMERS_ADAMW, "clip_grad_norm_ + transformers 4.49 AdamW(correct_bias=False): a loop over tensors",
-               _adamw_with_clip(_transformers_adamw), 36, slow=True),
+               _adamw_with_clip(_transformers_adamw), 48, slow=True),
         Method("compat-adamw", "clip_grad_norm_ + bertopt.compat.AdamW(correct_bias=False) (fused, the default)",
-               _adamw_with_clip(_compat_adamw), 36),
+               _adamw_with_clip(_compat_adamw), 48),
+        Method(TRANSFORMERS_ADAMW_STEP, "transformers 4.49 AdamW(correct_bias=False).step() alone (no clipping)",
+               _adamw_with_clip(_transformers_adamw, clip=False), 36, slow=True),
+        Method("compat-adamw-step", "bertopt.compat.AdamW(correct_bias=False).step() alone (no clipping)",
+               _adamw_with_clip(_compat_adamw, clip=False), 36),
         Method("compat-bertadam", "bertopt.compat.BertAdam: pytorch-pretrained-bert's update (fused, the default)",
                _compat_bert_adam, 32),
     ]
