@@ -168,7 +168,7 @@ def adamw_fused(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:
 
     The kernel does the step in one pass over p, g, m, v, one call per distinct step count
     (the tensors of a group usually share one). The decay ``p -= lr * wd * p`` is then a
-    separate ``_foreach_add_``, transformers' own operation: folding it into the kernel
+    separate pass, transformers' own operation (``decay_after_step``): folding it into the kernel
     (``lr' = s (1 - lr wd)``, ``wd' = lr wd / lr'``) is the same value with one rounding of
     p instead of two, and measured against transformers it drifted by 1 float32 ulp on a
     quarter of the elements per step (8e-7 on |p| ~ 1 after 40 steps). Separate, the two
