@@ -5,7 +5,7 @@
                                                     num_train_steps=10_000, num_warmup_steps=1_000)
 """
 
-from bertopt import schedules
+from bertopt import compat, schedules
 from bertopt.grouping import BERT_EXCLUDE, decay_report, param_groups
 from bertopt.optim import BertAdam, Lamb, clip_coefficient, global_grad_norm
 from bertopt.recipe import create_optimizer

@@ -16,7 +16,7 @@ import torch
 
 from bertopt import cli
 from bertopt.bench import harness, memory, results
-from bertopt.bench.methods import BASELINE, FAST_PATH, LAMB_FAST_PATH, METHODS, PPB, select
+from bertopt.bench.methods import BASELINE, FAST_PATH, LAMB_FAST_PATH, METHODS, PPB, select, unavailable_reason
 from bertopt.bench.shapes import SIZES, bert_parameter_shapes, decays, parameter_count
 
 
@@ -105,6 +105,8 @@ def test_derived_figures_follow_their_definitions():
 def test_every_method_performs_a_real_step():
     # Each method must change the parameters and (for all but ppb) share the moments it was given.
     for method in select(None):
+        if unavailable_reason(method.name):  # e.g. transformers-adamw where transformers >= 4.50
+            continue
         tensors = harness.make_tensors("bert-h32")
         before = [p.detach().clone() for p in tensors.params[:3]]
         method.build(tensors.params, tensors.names, tensors.moments)()
@@ -161,7 +163,7 @@ def test_quick_run_writes_json_and_png(tmp_path, capsys):
     for r in report["sizes"]:
         assert r["params"] == parameter_count(bert_parameter_shapes(SIZES[r["size"]]))
         assert 0.1 < r["bandwidth_GBps"] < 10_000
-        assert set(r["methods"]) == set(METHODS)
+        assert set(r["methods"]) == {m for m in METHODS if not unavailable_reason(m)}
         for name, s in r["methods"].items():
             assert 2 <= s["reps"] == len(s["times_s"]) <= 3
             assert all(t > 0 for t in s["times_s"]), name
@@ -178,7 +180,7 @@ def test_quick_run_writes_json_and_png(tmp_path, capsys):
 
     mem = report["memory"]
     if memory.available() is None:
-        assert mem["size"] == "bert-h32" and set(mem["methods"]) == set(METHODS)
+        assert mem["size"] == "bert-h32" and set(mem["methods"]) == {m for m in METHODS if not unavailable_reason(m)}
         # one pass, no temporaries; foreach keeps list-sized temporaries
         assert mem["methods"][FAST_PATH]["percent_of_param_bytes"] < 5
         assert mem["methods"][LAMB_FAST_PATH]["percent_of_param_bytes"] < 5  # u goes over g: no workspace

@@ -147,6 +147,8 @@ LAMB_FAST_PATH = "bertopt-lamb-fused"  # its target: <= 1.5x FAST_PATH on the sa
 def unavailable_reason(name: str) -> str | None:
     if name == PPB:
         return _ppb_available()
+    if name in (TRANSFORMERS_ADAMW, TRANSFORMERS_ADAMW_STEP):
+        return _transformers_adamw_available()
     return None
 
 
@@ -158,3 +160,82 @@ def select(names: list[str] | None) -> list[Method]:
     if unknown:
         raise ValueError(f"methods must be among {', '.join(METHODS)}; unknown: {', '.join(unknown)}")
     return [m for m in METHODS.values() if m.name in names]
+
+
+# --- bertopt.compat's drop-ins against the originals they replace ----------------------
+# transformers' AdamW (removed in 4.50) has no clipping of its own: its rows clip with
+# torch's clip_grad_norm_ first, as Trainer does, so they are full steps like the rest.
+# The drop-ins keep the originals' updates (per-tensor clipping for ppb's BertAdam).
+
+TRANSFORMERS_ADAMW = "transformers-adamw"
+TRANSFORMERS_ADAMW_STEP = "transformers-adamw-step"
+
+
+def _transformers_adamw_available() -> str | None:
+    try:
+        from transformers import AdamW  # noqa: F401
+    except ImportError:
+        return ("transformers.AdamW is not importable (removed in transformers 4.50); run this method in a "
+                "venv with transformers<=4.49 (benchmarks/results/compat/README.md)")
+    return None
+
+
+def _adamw_with_clip(make_optimizer, clip: bool = True):
+    """clip_grad_norm_ (torch, global, as Trainer does) + a transformers-style AdamW, BERT settings.
+
+    ``clip=False``: the optimizer's step() alone, to compare the two updates without the
+    clipping they share."""
+    def build(params, names, moments):
+        opt = make_optimizer(_groups(params, names))
+        _prefill(opt, params, moments, step=lambda: 0)  # transformers keeps the step as an int
+        if not clip:
+            return opt.step
+
+        def step():
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM, foreach=True)
+            opt.step()
+
+        return step
+
+    return build
+
+
+def _transformers_adamw(groups):
+    from transformers import AdamW
+
+    return AdamW(groups, lr=LR, betas=BETAS, eps=EPS, correct_bias=False, no_deprecation_warning=True)
+
+
+def _compat_adamw(groups):
+    from bertopt.compat import AdamW
+
+    return AdamW(groups, lr=LR, betas=BETAS, eps=EPS, correct_bias=False)
+
+
+def _compat_bert_adam(params, names, moments):
+    """bertopt.compat.BertAdam exactly as the ppb-bertadam row runs pytorch-pretrained-bert's."""
+    from bertopt.compat import BertAdam
+
+    opt = BertAdam(_groups(params, names), lr=LR, b1=BETAS[0], b2=BETAS[1], e=EPS,
+                   weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM, schedule="none")
+    _prefill(opt, params, moments, keys=("next_m", "next_v"), step=lambda: 0)
+    return opt.step
+
+
+METHODS.update({
+    m.name: m
+    for m in [
+        # bytes: the update 28 (read p, g, m, v; write p, m, v), the decay pass after it 8,
+        # clip_grad_norm_ 12 (read g for the norm, rewrite g)
+        Method(TRANSFORMERS_ADAMW, "clip_grad_norm_ + transformers 4.49 AdamW(correct_bias=False): a loop over tensors",
+               _adamw_with_clip(_transformers_adamw), 48, slow=True),
+        Method("compat-adamw", "clip_grad_norm_ + bertopt.compat.AdamW(correct_bias=False) (fused, the default)",
+               _adamw_with_clip(_compat_adamw), 48),
+        Method(TRANSFORMERS_ADAMW_STEP, "transformers 4.49 AdamW(correct_bias=False).step() alone (no clipping)",
+               _adamw_with_clip(_transformers_adamw, clip=False), 36, slow=True),
+        Method("compat-adamw-step", "bertopt.compat.AdamW(correct_bias=False).step() alone (no clipping)",
+               _adamw_with_clip(_compat_adamw, clip=False), 36),
+        Method("compat-bertadam", "bertopt.compat.BertAdam: pytorch-pretrained-bert's update (fused, the default)",
+               _compat_bert_adam, 32),
+    ]
+})
