@@ -25,13 +25,8 @@ from torch import Tensor
 
 # The internals of bertopt.optim used here: its functional Adam entry point, and whether
 # its native kernel (rather than torch's fused one) will take a list of tensors.
-from bertopt.optim import _native
+from bertopt.optim import _native, base
 from bertopt.optim._impl import AdamHyper, bert_adam as _bert_adam
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = ()  # type: ignore[assignment,misc]
 
 IMPLEMENTATIONS = ("reference", "foreach", "fused")
 
@@ -41,26 +36,10 @@ def check_foreach_fused(foreach, fused) -> None:
         raise ValueError("foreach and fused cannot both be True; pick one (fused is faster where it exists)")
 
 
-def choose_implementation(params: list[Tensor], foreach: bool | None, fused: bool | None) -> str:
-    """As ``torch.optim``: fused when asked for, or by default where every tensor supports it;
-    foreach when asked for (or by default off CPU); else the original's per-tensor loop."""
-    check_foreach_fused(foreach, fused)
-    supported = torch.utils._foreach_utils._get_fused_kernels_supported_devices()
-    fusable = all(p.device.type in supported and p.is_floating_point() and not isinstance(p, DTensor)
-                  for p in params)
-    if fused:
-        if not fusable:
-            raise ValueError(f"fused=True needs floating-point, non-DTensor parameters on one of {supported}; "
-                             "use foreach=True or leave fused=None")
-        return "fused"
-    if foreach:
-        return "foreach"
-    if foreach is None and fused is None:
-        if fusable:
-            return "fused"
-        if all(p.device.type != "cpu" for p in params):
-            return "foreach"
-    return "reference"
+# As torch.optim: fused when asked for, or by default where every tensor supports it; foreach when
+# asked for (or by default off CPU); else the original's per-tensor loop. The same choice as
+# BertAdam's and Lamb's.
+choose_implementation = base.choose_implementation
 
 
 def native_kernel_takes(*tensor_lists: list[Tensor]) -> bool:

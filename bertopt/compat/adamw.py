@@ -25,22 +25,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from bertopt.compat import _engine
+from bertopt.optim.base import check_hyperparameters
 
 
-def check_adamw_hyperparameters(lr, betas, eps, weight_decay) -> None:
-    """transformers' checks (lr, betas, eps), plus weight_decay >= 0 (it ignored negative values)."""
-    if not isinstance(lr, Tensor) and not lr >= 0.0:
-        raise ValueError(f"lr must be >= 0, got {lr}")
-    if len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    for i, beta in enumerate(betas):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"betas[{i}] must be in [0, 1), got {beta}")
-    if not eps >= 0.0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    if not weight_decay >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0 (transformers silently ignored negative values), "
-                         f"got {weight_decay}")
+# transformers' checks (lr, betas, eps), plus weight_decay >= 0 (it ignored negative values): BertAdam's
+check_adamw_hyperparameters = check_hyperparameters
 
 
 class AdamW(Optimizer):

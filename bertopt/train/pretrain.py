@@ -334,7 +334,10 @@ def print_fill_mask_examples(model_dir: Path, eval_rows, tokenizer, log, *, coun
         with torch.no_grad():
             logits = model(input_ids=torch.from_numpy(masked)[None]).logits[0, j]
         top = [tokenizer.id_to_token(int(i)) for i in logits.topk(3).indices]
-        context = tokenizer.decode([int(i) for i in masked[max(0, j - 10):j + 8]], skip_special_tokens=False)
+        start = max(0, j - 10)
+        while start < j and pieces[start].startswith("##"):  # begin the context at a whole word
+            start += 1
+        context = tokenizer.decode([int(i) for i in masked[start:j + 8]], skip_special_tokens=False)
         log(f"    {context.replace('[MASK]', '____')!s}\n      true: {pieces[j]:<12} model: {', '.join(top)}")
         shown += 1
         if shown == count:
