@@ -15,6 +15,10 @@ memory work.
 Masking (:func:`mask_tokens`) follows google-research/bert ``create_pretraining_data.py``:
 round(15%) of the non-special positions of each row are selected, of these 80% become
 ``[MASK]``, 10% a random token, 10% stay; the loss is computed only at the selected positions.
+With ``word_start=word_start_table(tokenizer)`` it masks whole words instead (``do_whole_word_mask``:
+all ``##`` pieces of a chosen word together), as Google's later BERT models were trained. Either way
+one call is a few vectorised numpy passes over the batch: for 256 x 128 tokens of the Wikipedia
+sample about 2.5 ms per call, 3.8 ms with whole words (2 shared cores).
 
 The default corpus is the English Wikipedia sample (about 200 pages, CC BY-SA) that ships inside
 the ``gensim`` wheel as test data; it is located without importing gensim.
@@ -438,10 +442,41 @@ class MaskedBatch:
     labels: np.ndarray  # (M,) original token at each selected position
 
 
+def word_start_table(tokenizer) -> np.ndarray:
+    """For whole-word masking: a boolean array indexed by token id, True where the token begins a
+    word and False for a WordPiece continuation piece (``##ing``). Special tokens count as word
+    starts (:func:`mask_tokens` never selects them anyway).
+
+    ``tokenizer`` is a ``tokenizers.Tokenizer`` (or anything with ``get_vocab()``: token -> id, such
+    as a transformers fast tokenizer); the continuation prefix is the WordPiece model's
+    (``continuing_subword_prefix``), ``##`` otherwise."""
+    vocab = tokenizer.get_vocab()
+    prefix = getattr(getattr(tokenizer, "model", None), "continuing_subword_prefix", None) or "##"
+    size = max(vocab.values(), default=-1) + 1
+    if hasattr(tokenizer, "get_vocab_size"):
+        size = max(size, tokenizer.get_vocab_size())
+    table = np.ones(size, dtype=bool)
+    table[[i for token, i in vocab.items() if token.startswith(prefix)]] = False
+    return table
+
+
 def mask_tokens(ids: np.ndarray, rng: np.random.Generator, *, vocab_size: int, mask_prob: float = 0.15,
-                special_ids: tuple[int, ...] = (PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID)) -> MaskedBatch:
+                special_ids: tuple[int, ...] = (PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID),
+                word_start: np.ndarray | None = None) -> MaskedBatch:
     """BERT's masking: per row, round(mask_prob * candidates) positions (at least 1) chosen among
-    the non-special tokens; 80% replaced by [MASK], 10% by a random non-special token, 10% kept."""
+    the non-special tokens; 80% replaced by [MASK], 10% by a random non-special token, 10% kept.
+
+    ``word_start`` (from :func:`word_start_table`: a boolean array indexed by token id, True where a
+    token begins a word) turns on whole-word masking, as ``create_pretraining_data.py`` does with
+    ``do_whole_word_mask``: a word is a token and the ``##`` pieces that follow it; the words of a
+    row are shuffled and taken in that order while they fit, a word that would exceed the row's
+    number of predictions is skipped (a later, shorter one may still fit), so every piece of a
+    chosen word is predicted and a row gets at most that number (possibly fewer, even none when no
+    word is short enough). The 80/10/10 replacement is still decided per token. A continuation
+    piece with no word start before it in the row (a word split across packed rows, or one
+    right after [CLS]/[SEP]) counts as a word of its own. With ``word_start=None`` the result,
+    and the random numbers drawn, are exactly those of plain token masking.
+    """
     if not 0.0 < mask_prob < 1.0:
         raise ValueError(f"--mask-prob must be in (0, 1), got {mask_prob}")
     ids = np.asarray(ids, dtype=np.int64)
@@ -449,11 +484,14 @@ def mask_tokens(ids: np.ndarray, rng: np.random.Generator, *, vocab_size: int, m
     n_candidates = candidates.sum(axis=1)
     n_select = np.minimum(n_candidates, np.maximum(1, np.round(n_candidates * mask_prob))).astype(np.int64)
     scores = rng.random(ids.shape)
-    scores[~candidates] = 2.0  # never chosen while a candidate remains
-    order = np.argsort(scores, axis=1, kind="stable")
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.broadcast_to(np.arange(ids.shape[1]), ids.shape), axis=1)
-    selected = rank < n_select[:, None]
+    if word_start is None:
+        scores[~candidates] = 2.0  # never chosen while a candidate remains
+        order = np.argsort(scores, axis=1, kind="stable")
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.broadcast_to(np.arange(ids.shape[1]), ids.shape), axis=1)
+        selected = rank < n_select[:, None]
+    else:
+        selected = _select_whole_words(ids, candidates, n_select, scores, word_start)
 
     action = rng.random(ids.shape)
     inputs = ids.copy()
@@ -463,3 +501,52 @@ def mask_tokens(ids: np.ndarray, rng: np.random.Generator, *, vocab_size: int, m
     inputs[randomize] = rng.integers(first_regular, vocab_size, size=int(randomize.sum()))
     rows, cols = np.nonzero(selected)
     return MaskedBatch(input_ids=inputs, rows=rows, cols=cols, labels=ids[rows, cols])
+
+
+def _select_whole_words(ids: np.ndarray, candidates: np.ndarray, n_select: np.ndarray, scores: np.ndarray,
+                        word_start: np.ndarray) -> np.ndarray:
+    """The (B, L) selection of whole-word masking (see :func:`mask_tokens`). A word's random score
+    is that of its first piece: sorting the scores shuffles the words of each row. Google's greedy
+    pass (take a word if it still fits, else skip it) is a cumulative sum up to each row's first
+    misfit, then a loop over the later words of the rows that still have room."""
+    word_start = np.asarray(word_start, dtype=bool)
+    if word_start.ndim != 1:
+        raise ValueError(f"word_start must be a 1-D boolean array indexed by token id, got shape {word_start.shape}")
+    if ids.size and int(ids.max()) >= len(word_start):
+        raise ValueError(f"token id {int(ids.max())} is outside word_start (covers {len(word_start)} ids): "
+                         "build it from the tokenizer that produced the ids (word_start_table)")
+    n_rows, n_cols = ids.shape
+    starts = candidates & word_start[ids]
+    starts[:, 0] = candidates[:, 0]
+    starts[:, 1:] |= candidates[:, 1:] & ~candidates[:, :-1]  # a piece after a special token starts a word
+    word_of = np.cumsum(starts, axis=1) - 1  # index of each position's word in its row (-1 before the first)
+    np.maximum(word_of, 0, out=word_of)  # only used at candidate positions, which always have a word
+    flat_word = word_of + (np.arange(n_rows) * n_cols)[:, None]
+    word_len = np.bincount(flat_word[candidates], minlength=n_rows * n_cols).reshape(n_rows, n_cols)
+
+    order = np.argsort(np.where(starts, scores, 2.0), axis=1, kind="stable")  # start columns, shuffled
+    shuffled_word = np.take_along_axis(word_of, order, axis=1)
+    shuffled_len = np.where(np.take_along_axis(starts, order, axis=1),
+                            np.take_along_axis(word_len, shuffled_word, axis=1), 0)
+    # Google's greedy pass: take each word while it fits, skip one that would exceed n_select. Up to a
+    # row's first misfit that is a prefix of the cumulative lengths; after it, a loop over the later
+    # words of the rows with room left, which ends when every row is full or out of words.
+    fitting = np.cumsum(shuffled_len, axis=1) <= n_select[:, None]
+    first_misfit = np.where(fitting.all(axis=1), n_cols, np.argmin(fitting, axis=1))
+    taken = fitting & (shuffled_len > 0)  # past a row's words (length 0) nothing is taken
+    room = n_select - np.where(taken, shuffled_len, 0).sum(axis=1)
+    n_words = starts.sum(axis=1)
+    active = np.flatnonzero((room > 0) & (first_misfit + 1 < n_words))
+    k = int(first_misfit[active].min()) + 1 if active.size else n_cols  # a misfit never fits later
+    while active.size and k < n_cols:
+        length = shuffled_len[active, k]  # 0 past a row's last word
+        fits = (k > first_misfit[active]) & (length > 0) & (length <= room[active])
+        taken[active[fits], k] = True
+        room[active[fits]] -= length[fits]
+        k += 1
+        active = active[(room[active] > 0) & (n_words[active] > k)]
+
+    word_taken = np.zeros((n_rows, n_cols), dtype=bool)  # (row, word index within the row)
+    taken_rows, taken_k = np.nonzero(taken)
+    word_taken[taken_rows, shuffled_word[taken_rows, taken_k]] = True
+    return candidates & np.take_along_axis(word_taken, word_of, axis=1)
