@@ -124,3 +124,23 @@ def test_a_missing_train_extra_names_the_pip_line(corpus, tmp_path, capsys, monk
     assert cli(_argv(corpus, tmp_path / "out")) == 1
     _error(capsys, "bertopt pretrain needs the packages of bertopt's `train` extra", "numpy is not installed",
            "pip install 'bertopt[train]'")
+
+
+def test_whole_word_masking_reaches_the_masking(corpus, tmp_path, monkeypatch):
+    from bertopt.train import data
+
+    real_mask = data.mask_tokens
+    seen = []
+
+    def spy(ids, rng, **kwargs):
+        seen.append(kwargs.get("word_start"))
+        return real_mask(ids, rng, **kwargs)
+
+    monkeypatch.setattr(data, "mask_tokens", spy)
+    out = tmp_path / "wwm"
+    assert cli(_argv(corpus, out, "--whole-word-masking", steps=3)) == 0
+    assert seen and all(w is not None and w.dtype == bool for w in seen)
+    assert json.loads((out / "summary.json").read_text())["run"]["whole_word_masking"] is True
+    seen.clear()
+    assert cli(_argv(corpus, tmp_path / "plain", steps=3)) == 0
+    assert seen and all(w is None for w in seen)  # off by default, as in the original BERT
