@@ -163,12 +163,12 @@ def train(name: str, config, build_job: Callable[..., Job]) -> dict[str, Any]:
     run: RunConfig = config.run
     ctx = init_distributed(run.device)
     log = _logger(ctx)
-    amp = MixedPrecision.for_device(run.precision, ctx.device)
-    if (note := precision_note(run.precision, ctx.device)) is not None:
-        log(note)
     threads_before = torch.get_num_threads()  # restored at the end: train() may run inside a bigger program
-    torch.set_num_threads(threads := choose_threads(run.threads, world_size=ctx.world_size))
     try:
+        torch.set_num_threads(threads := choose_threads(run.threads, world_size=ctx.world_size))
+        amp = MixedPrecision.for_device(run.precision, ctx.device)
+        if (note := precision_note(run.precision, ctx.device)) is not None:
+            log(note)
         run.micro_batch_size(ctx.world_size)  # --batch-size / processes / --grad-accum-steps must divide
         if ctx.is_main:
             prepare_out_dir(run.out, run)
