@@ -143,7 +143,9 @@ def _pretrain_run() -> RunConfig:
 
 
 def _pretrain_optim() -> OptimConfig:
-    return OptimConfig(lr=1e-3)
+    # make run's BERT-tiny: 1.5e-3 left the unigram plateau sooner than 1e-3 (held-out accuracy 0.137
+    # at step 900 against 0.124 at step 1000); 3e-3 never left it in 1,500 steps (0.052)
+    return OptimConfig(lr=1.5e-3)
 
 
 @dataclass
@@ -167,7 +169,7 @@ class PretrainConfig:
     whole_word_masking: bool = False
     eval_sequences: int = 256
     cache_dir: Path | None = None
-    steps: int = 1000
+    steps: int = 1500  # about 3 minutes of training on 2 CPU cores (make run)
     fsdp: bool = False
 
     def __post_init__(self) -> None:
