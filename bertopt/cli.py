@@ -26,7 +26,7 @@ from typing import Any
 
 from bertopt.errors import EXIT_CODES, EXIT_USAGE, Terminated, exit_code, report_error, report_stop
 from bertopt.train.config import (DEVICES, NONFINITE_POLICIES, OPTIMIZERS, PRECISIONS, SCHEDULE_STYLES,
-                                  WEIGHT_DECAY_MODES, FinetuneConfig, OptimConfig, PretrainConfig, RunConfig)
+                                  WEIGHT_DECAY_MODES, FinetuneConfig, PretrainConfig)
 
 OTHER_COMMANDS = {
     "schedule": "bertopt.train.schedule_plot",

@@ -361,5 +361,5 @@ def _print_report(summary: dict, out: Path, log) -> None:
         log(f"  held-out accuracy  {start}{fmt(summary['eval_accuracy'])} (masked tokens predicted exactly)")
     log(f"  time               {fmt(summary.get('train_time_s'), '.0f')} s training, "
         f"{fmt(summary.get('wall_time_s_this_process'), '.0f')} s in total")
-    log(f"  files              metrics.jsonl, summary.json, loss.png, lr.png, checkpoints/"
+    log("  files              metrics.jsonl, summary.json, loss.png, lr.png, checkpoints/"
         + (", model/" if summary.get("model_dir") else ""))
