@@ -130,7 +130,7 @@ def run(args) -> int:
     from bertopt.bench import harness, memory, results
     from bertopt.bench.methods import unavailable_reason
     from bertopt.bench.shapes import bert_parameter_shapes, parameter_count, size_by_name
-    from bertopt.optim import _native
+    from bertopt.optim.native import build as native_build
 
     opts = resolve_options(args)
     torch.set_num_threads(opts["threads"])
@@ -141,9 +141,9 @@ def run(args) -> int:
             print(f"skipping {m.name}: {reason}")
         else:
             methods.append(m)
-    _native.library()  # compile before anything is timed
+    native_build.library()  # compile before anything is timed
     print(f"bertopt bench: {len(methods)} methods, sizes {', '.join(opts['sizes'])}, "
-          f"{opts['threads']} threads; native kernel: {_native.status()}")
+          f"{opts['threads']} threads; native kernel: {native_build.status()}")
 
     monitor = harness.LoadMonitor()
     per_size, skipped = [], {}
@@ -192,7 +192,7 @@ def run(args) -> int:
             "cpu": _cpu_model(),
             "cpus": os.cpu_count(),
             "threads": opts["threads"],
-            "native_kernel": _native.status(),
+            "native_kernel": native_build.status(),
             "options": {k: v for k, v in opts.items() if k != "methods"},
             "methods": {m.name: m.description for m in methods},
             "load": load,

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 import bertopt
 from bertopt.bench.shapes import decays
-from bertopt.optim import _native
+from bertopt.optim.native import build as native_build
 
 # BERT's fine-tuning/pre-training hyperparameters.
 LR, BETAS, EPS, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-4, (0.9, 0.999), 1e-6, 0.01, 1.0
@@ -79,11 +79,11 @@ def _bertopt(optimizer: str, foreach: bool | None, fused: bool | None, native: b
             return opt.step
 
         def step():  # the same optimizer on torch's fused kernels
-            previous = _native.use_native(False)
+            previous = native_build.use_native(False)
             try:
                 opt.step()
             finally:
-                _native.use_native(previous)
+                native_build.use_native(previous)
 
         return step
 

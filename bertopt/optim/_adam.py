@@ -6,13 +6,19 @@
                list-sized temporaries (16-bit tensors go through float32 copies).
 ``fused``      one pass that reads p, g, m, v and writes p, m, v once, with no
                temporaries. For float32 CPU tensors it is our own C kernel
-               (``_native``: the reference's operations, 32 bytes per parameter with the
-               norm). Elsewhere it is torch's fused Adam/AdamW kernels; two facts make
-               them compute BERT's update:
-               the global-norm clip coefficient enters as ``grad_scale`` (the kernel
-               divides the gradient by it), and bias correction is switched off by
-               handing the kernel a step count so large that ``beta**step`` is 0, so
-               ``1 - beta**step`` is exactly 1.
+               (``native``, ``csrc/adam.c``: the reference's operations, 32 bytes per
+               parameter with the norm). Elsewhere it is torch's fused Adam/AdamW
+               kernels; two facts make them compute BERT's update: the global-norm
+               clip coefficient enters as ``grad_scale`` (the kernel divides the
+               gradient by it), and bias correction is switched off by handing the
+               kernel a step count so large that ``beta**step`` is 0, so
+               ``1 - beta**step`` is exactly 1. That path makes no host
+               synchronisation: a non-finite norm reaches the kernel as ``found_inf``.
+
+``.grad`` after ``step()`` is what it was before, on every path (BertAdam's and Lamb's):
+the clip coefficient is folded into the update and gradients are only read. The native
+kernels honour this at no cost; torch's fused kernel, which stores the scaled gradient
+back into what it is handed, gets copies (``bert_adam_fused_torch``).
 
 The update, for one parameter ``p`` with gradient ``g`` (Google's
 ``AdamWeightDecayOptimizer`` when ``bias_correction=False, decoupled=True``)::
@@ -34,12 +40,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bertopt.optim import _native
-from bertopt.optim.clip import local_part
+from bertopt.optim._dtensor import local_part
+from bertopt.optim.native import build, kernels
 
-# beta**_NO_BIAS_CORRECTION_STEP underflows to exactly 0 for any beta < 1 that makes
+# beta**NO_BIAS_CORRECTION_STEP underflows to exactly 0 for any beta < 1 that makes
 # sense (0.999**2**30 = 0.0 in float64), so the fused kernels' bias corrections are 1.
-_NO_BIAS_CORRECTION_STEP = float(2**30)
+NO_BIAS_CORRECTION_STEP = float(2**30)
 
 
 @dataclass(frozen=True)
@@ -127,44 +133,79 @@ def bert_adam_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper,
     torch._foreach_add_(params, update, alpha=-h.lr)
 
 
-def bert_adam_fused(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper, clip_coef: Tensor | None):
+def bert_adam_fused(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper, clip_coef: Tensor | None,
+                    found_inf: Tensor | None = None):
     """The fastest one-pass kernel for these tensors.
 
-    float32 CPU tensors: our own kernel (``_native``), which reads p, g, m, v and writes
-    p, m, v once, leaves ``.grad`` untouched, and computes the reference's float32
-    operations. Anything else (other dtypes, devices, layouts, or no C compiler):
-    torch's fused Adam/AdamW kernel (``bert_adam_fused_torch``).
+    float32 CPU tensors: our own kernel (``native.kernels.adam_step``), which reads p, g,
+    m, v and writes p, m, v once and computes the reference's float32 operations.
+    Anything else (other dtypes, devices, layouts, or no C compiler): torch's fused
+    Adam/AdamW kernel (``bert_adam_fused_torch``). ``found_inf`` (a 0-dim tensor on the
+    device, 1.0 to skip) is only given on the sync-free path, which never reaches the
+    native kernel (``base.GlobalClipOptimizer.step``).
     """
-    lib = _native.library() if _native.eligible(params, grads, exp_avgs, exp_avg_sqs) else None
+    lib = build.library() if kernels.eligible(params, grads, exp_avgs, exp_avg_sqs) else None
     if lib is None:
-        bert_adam_fused_torch(params, grads, exp_avgs, exp_avg_sqs, steps, h, clip_coef)
+        bert_adam_fused_torch(params, grads, exp_avgs, exp_avg_sqs, steps, h, clip_coef, found_inf)
         return
-    with _native.counting_the_step(steps):
+    with kernels.counting_the_step(steps):
         bias_corrections = bias_correction_factors(steps, h) if h.bias_correction else None
-        _native.adam_step(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, h,
+        kernels.adam_step(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, h,
                           None if clip_coef is None else clip_coef.item())
 
 
-def bert_adam_fused_torch(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper, clip_coef: Tensor | None):
+# The torch fused path copies at most this many gradient elements at a time (see below).
+GRAD_COPY_NUMEL = 1 << 24
+
+
+def torch_fused_kernel_steps(steps: list[Tensor], h: AdamHyper, found_inf: Tensor | None) -> list[Tensor]:
+    """Count the step (not if ``found_inf`` is 1: on the device, no host read) and return
+    the step tensors torch's fused kernels should see: ours, or with no bias correction a
+    count so large that ``1 - beta**t`` is exactly 1."""
+    torch._foreach_add_(steps, 1)
+    if found_inf is not None:
+        torch._foreach_sub_(steps, [found_inf.to(s.device) for s in steps])
+    if h.bias_correction:
+        return steps
+    device = steps[0].device
+    return [torch.full((), NO_BIAS_CORRECTION_STEP, dtype=torch.float32, device=device)] * len(steps)
+
+
+def grad_slices(params: list[Tensor], max_numel: int = GRAD_COPY_NUMEL):
+    """Index ranges of consecutive tensors of at most ``max_numel`` elements (or one larger)."""
+    start, total = 0, 0
+    for i, p in enumerate(params):
+        if i > start and total + p.numel() > max_numel:
+            yield start, i
+            start, total = i, 0
+        total += p.numel()
+    if start < len(params):
+        yield start, len(params)
+
+
+def bert_adam_fused_torch(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper, clip_coef: Tensor | None,
+                          found_inf: Tensor | None = None):
     """torch's fused Adam/AdamW kernel, steered to BERT's update (see module docstring).
 
-    The kernel stores the unscaled (here: clipped) gradient back into ``.grad``.
+    The clip coefficient and ``found_inf`` stay on the device (``grad_scale = 1/clip``):
+    no host synchronisation. Given ``grad_scale``, torch's kernel stores the scaled
+    gradient back into the gradient it was handed; to keep ``.grad`` unchanged (the
+    contract of every path) it is handed copies, ``GRAD_COPY_NUMEL`` elements at a time.
     """
     device = params[0].device
-    torch._foreach_add_(steps, 1)
-    if h.bias_correction:
-        kernel_steps = steps
-    else:
-        kernel_steps = [torch.full((), _NO_BIAS_CORRECTION_STEP, dtype=torch.float32, device=device)] * len(params)
+    kernel_steps = torch_fused_kernel_steps(steps, h, found_inf)
     grad_scale = None if clip_coef is None else (1.0 / clip_coef).to(device)
+    found_inf = None if found_inf is None else found_inf.to(device)
     # AdamW's kernel decays as p *= 1 - lr*wd before p -= lr*m/(sqrt(v)+eps): the same
     # p - lr*(u + wd*p) as Google's, both using p from before the step.
     kernel = torch._fused_adamw_ if h.decoupled else torch._fused_adam_
-    kernel(
-        params, grads, exp_avgs, exp_avg_sqs, [], kernel_steps,
-        lr=h.lr, beta1=h.beta1, beta2=h.beta2, weight_decay=h.weight_decay, eps=h.eps,
-        amsgrad=False, maximize=False, grad_scale=grad_scale, found_inf=None,
-    )
+    for a, b in grad_slices(params) if grad_scale is not None else [(0, len(params))]:
+        kernel_grads = grads[a:b] if grad_scale is None else [g.clone() for g in grads[a:b]]
+        kernel(
+            params[a:b], kernel_grads, exp_avgs[a:b], exp_avg_sqs[a:b], [], kernel_steps[a:b],
+            lr=h.lr, beta1=h.beta1, beta2=h.beta2, weight_decay=h.weight_decay, eps=h.eps,
+            amsgrad=False, maximize=False, grad_scale=grad_scale, found_inf=found_inf,
+        )
 
 
 IMPLEMENTATIONS = {
@@ -185,14 +226,17 @@ def group_by_device_and_dtype(*tensor_lists):
     return list(buckets.values())
 
 
-def bert_adam(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper, clip_coef: Tensor | None, impl: str):
-    """Apply one BERT Adam update with the chosen implementation."""
+def bert_adam(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper, clip_coef: Tensor | None, impl: str,
+              found_inf: Tensor | None = None):
+    """Apply one BERT Adam update with the chosen implementation. ``found_inf``: see
+    ``bert_adam_fused`` (only the fused implementation takes it)."""
     if not params:
         return
     fn = IMPLEMENTATIONS[impl]
     if impl == "reference":
         fn(params, grads, exp_avgs, exp_avg_sqs, steps, h, clip_coef)
         return
+    extra = {} if found_inf is None else {"found_inf": found_inf}
     local = [[local_part(t) for t in tensors] for tensors in (params, grads, exp_avgs, exp_avg_sqs)]
     for chunk in group_by_device_and_dtype(*local, steps):
-        fn(*chunk, h, clip_coef)
+        fn(*chunk, h, clip_coef, **extra)
