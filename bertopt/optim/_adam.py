@@ -79,23 +79,58 @@ def adam_direction(g: Tensor, m: Tensor, v: Tensor, step: Tensor, h: AdamHyper) 
     return m_hat / (v_hat.sqrt() + h.eps)
 
 
-def bert_adam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper, clip_coef: Tensor | None):
-    """One tensor at a time, exactly the equations in the module docstring (float32 math)."""
+def one_tensor_at_a_time(params, grads, exp_avgs, exp_avg_sqs, steps, clip_coef: Tensor | None):
+    """The references' loop: count the step, yield float32 ``p, g * clip_coef, m, v, step``
+    for one tensor, and after the caller's update store p, m, v back (16-bit tensors)."""
     for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
         step += 1
         p32, m32, v32 = p.float(), m.float(), v.float()  # no copies for float32 tensors
         g = g.float()
         if clip_coef is not None:
             g = g * clip_coef
+        yield p32, g, m32, v32, step
+        for low, high in ((p, p32), (m, m32), (v, v32)):
+            if low is not high:
+                low.copy_(high)
+
+
+def bert_adam_reference(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper, clip_coef: Tensor | None):
+    """One tensor at a time, exactly the equations in the module docstring (float32 math)."""
+    for p32, g, m32, v32, step in one_tensor_at_a_time(params, grads, exp_avgs, exp_avg_sqs, steps, clip_coef):
         if h.weight_decay != 0 and not h.decoupled:
             g = g + h.weight_decay * p32
         update = adam_direction(g, m32, v32, step, h)
         if h.weight_decay != 0 and h.decoupled:
             update = update + h.weight_decay * p32
         p32.add_(update, alpha=-h.lr)
-        for low, high in ((p, p32), (m, m32), (v, v32)):
-            if low is not high:
-                low.copy_(high)
+
+
+def in_float32(fn, params, grads, exp_avgs, exp_avg_sqs, *args) -> None:
+    """Run the foreach step ``fn`` on float32 copies of 16-bit tensors, then store p, m, v back."""
+    wide = [[t.float() for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
+    fn(*wide, *args)
+    for narrow, wide_ts in ((params, wide[0]), (exp_avgs, wide[2]), (exp_avg_sqs, wide[3])):
+        torch._foreach_copy_(narrow, wide_ts)
+
+
+def foreach_direction(grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper) -> list[Tensor]:
+    """``adam_direction`` on lists: update the moments in place, return new tensors
+    ``m_hat / (sqrt(v_hat) + eps)`` (shared by BertAdam's and LAMB's foreach paths)."""
+    torch._foreach_mul_(exp_avgs, h.beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - h.beta1)
+    torch._foreach_mul_(exp_avg_sqs, h.beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - h.beta2)
+    if not h.bias_correction:
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(denom, h.eps)
+        return torch._foreach_div(exp_avgs, denom)
+    bc1, bc2 = bias_correction_factors(steps, h)
+    m_hat = torch._foreach_div(exp_avgs, bc1)
+    denom = torch._foreach_div(exp_avg_sqs, bc2)
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, h.eps)
+    torch._foreach_div_(m_hat, denom)  # a temporary already: divided in place
+    return m_hat
 
 
 def bert_adam_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper, clip_coef: Tensor | None):
@@ -105,29 +140,14 @@ def bert_adam_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper,
     reference do): in fp16, (1 - b2) * g * g underflows and m / (sqrt(v) + eps) explodes.
     """
     if params[0].dtype in (torch.float16, torch.bfloat16):
-        wide = [[t.float() for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
-        bert_adam_foreach(*wide, steps, h, clip_coef)
-        for narrow, wide_ts in ((params, wide[0]), (exp_avgs, wide[2]), (exp_avg_sqs, wide[3])):
-            torch._foreach_copy_(narrow, wide_ts)
+        in_float32(bert_adam_foreach, params, grads, exp_avgs, exp_avg_sqs, steps, h, clip_coef)
         return
     torch._foreach_add_(steps, 1)
     if clip_coef is not None:
         grads = torch._foreach_mul(grads, clip_coef.to(grads[0].device))
     if h.weight_decay != 0 and not h.decoupled:
         grads = torch._foreach_add(grads, params, alpha=h.weight_decay)
-    torch._foreach_mul_(exp_avgs, h.beta1)
-    torch._foreach_add_(exp_avgs, grads, alpha=1 - h.beta1)
-    torch._foreach_mul_(exp_avg_sqs, h.beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - h.beta2)
-    if h.bias_correction:
-        bc1, bc2 = bias_correction_factors(steps, h)
-        m_hat = torch._foreach_div(exp_avgs, bc1)
-        v_hat = torch._foreach_div(exp_avg_sqs, bc2)
-    else:
-        m_hat, v_hat = exp_avgs, exp_avg_sqs
-    denom = torch._foreach_sqrt(v_hat)
-    torch._foreach_add_(denom, h.eps)
-    update = torch._foreach_div(m_hat, denom)
+    update = foreach_direction(grads, exp_avgs, exp_avg_sqs, steps, h)
     if h.weight_decay != 0 and h.decoupled:
         torch._foreach_add_(update, params, alpha=h.weight_decay)
     torch._foreach_add_(params, update, alpha=-h.lr)

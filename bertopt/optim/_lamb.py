@@ -53,7 +53,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bertopt.optim._adam import (AdamHyper, adam_direction, bias_correction_factors, group_by_device_and_dtype,
+from bertopt.optim._adam import (AdamHyper, adam_direction, bias_correction_factors, foreach_direction,
+                                 group_by_device_and_dtype, in_float32, one_tensor_at_a_time,
                                  torch_fused_kernel_steps)
 from bertopt.optim._dtensor import DTensor, local_part, whole_sums_of_squares
 from bertopt.optim.native import build, kernels
@@ -92,20 +93,12 @@ def whole_norm(t: Tensor) -> Tensor:
 def lamb_reference(params, grads, exp_avgs, exp_avg_sqs, steps, h: LambHyper, clip_coef: Tensor | None):
     """One tensor at a time, exactly the equations in the module docstring (float32 math)."""
     a = h.adam
-    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
-        step += 1
-        p32, m32, v32 = p.float(), m.float(), v.float()  # no copies for float32 tensors
-        g = g.float()
-        if clip_coef is not None:
-            g = g * clip_coef
+    for p32, g, m32, v32, step in one_tensor_at_a_time(params, grads, exp_avgs, exp_avg_sqs, steps, clip_coef):
         update = adam_direction(g, m32, v32, step, a)
         if a.weight_decay != 0:
             update = update + a.weight_decay * p32
         ratio = trust_ratio(whole_norm(p32), whole_norm(update), h.trust_clip) if h.adapt else 1.0
         p32.sub_(update * (a.lr * ratio))
-        for low, high in ((p, p32), (m, m32), (v, v32)):
-            if low is not high:
-                low.copy_(high)
 
 
 # ----------------------------------------------------------------------------------------
@@ -134,33 +127,13 @@ def lamb_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, owners, h: LambHyp
     explodes.
     """
     if params[0].dtype in (torch.float16, torch.bfloat16):
-        wide = [[t.float() for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
-        lamb_foreach(*wide, steps, owners, h, clip_coef, workspaces)
-        for narrow, wide_ts in ((params, wide[0]), (exp_avgs, wide[2]), (exp_avg_sqs, wide[3])):
-            torch._foreach_copy_(narrow, wide_ts)
+        in_float32(lamb_foreach, params, grads, exp_avgs, exp_avg_sqs, steps, owners, h, clip_coef, workspaces)
         return
     a = h.adam
     torch._foreach_add_(steps, 1)
     if clip_coef is not None:
         grads = torch._foreach_mul(grads, clip_coef.to(grads[0].device))
-    torch._foreach_mul_(exp_avgs, a.beta1)
-    torch._foreach_add_(exp_avgs, grads, alpha=1 - a.beta1)
-    torch._foreach_mul_(exp_avg_sqs, a.beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - a.beta2)
-    if a.bias_correction:
-        bc1, bc2 = bias_correction_factors(steps, a)
-        m_hat = torch._foreach_div(exp_avgs, bc1)
-        v_hat = torch._foreach_div(exp_avg_sqs, bc2)
-    else:
-        m_hat, v_hat = exp_avgs, exp_avg_sqs
-    denom = torch._foreach_sqrt(v_hat)
-    torch._foreach_add_(denom, a.eps)
-    if a.bias_correction:  # m_hat is already a temporary: divide it in place
-        updates = m_hat
-        torch._foreach_div_(updates, denom)
-    else:
-        updates = torch._foreach_div(exp_avgs, denom)
-    del denom
+    updates = foreach_direction(grads, exp_avgs, exp_avg_sqs, steps, a)
     if a.weight_decay != 0:
         torch._foreach_add_(updates, params, alpha=a.weight_decay)
     if not h.adapt:
