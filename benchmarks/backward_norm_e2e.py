@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import bertopt  # noqa: E402
 from bertopt.bench.harness import LoadMonitor  # noqa: E402
 from bertopt.bench.shapes import SIZES  # noqa: E402
-from bertopt.optim import _native  # noqa: E402
+from bertopt.optim.native import build, kernels  # noqa: E402
 from bertopt.optim import base as optimizer_base  # noqa: E402
 
 
@@ -44,9 +44,9 @@ class BackwardNorm:
         self.params = list(params)
         self.enabled = False
         self.records: dict[torch.Tensor, tuple[weakref.ref, int, float]] = {}
-        self.lib = _native.library()
+        self.lib = build.library()
         if self.lib is None:
-            raise SystemExit(f"needs the native kernel: {_native.status()}")
+            raise SystemExit(f"needs the native kernel: {build.status()}")
         for p in self.params:
             p.register_post_accumulate_grad_hook(self._hook)
 
@@ -54,7 +54,7 @@ class BackwardNorm:
         if self.enabled:
             g = p.grad
             # A weak reference: holding the gradient would keep it alive past zero_grad().
-            self.records[p] = (weakref.ref(g), g._version, _native.sum_of_squares(self.lib, [g]))
+            self.records[p] = (weakref.ref(g), g._version, kernels.sum_of_squares(self.lib, [g]))
 
     def norm_or_none(self):
         """The global norm from the hooks, or None if any gradient changed since its hook."""

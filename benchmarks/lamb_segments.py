@@ -7,7 +7,7 @@ redoing pass 2 on the parts it did in pass 1, most of them are still in its cach
 
 This script times, interleaved round by round on the same BERT-shaped tensors:
 
-    segmented   Lamb(fused=True) as shipped (``_lamb_native.SEGMENT_NUMEL`` elements per segment)
+    segmented   Lamb(fused=True) as shipped (``kernels.SEGMENT_NUMEL`` elements per segment)
     one-segment the same one-call kernel with a single segment per bucket
     two-calls   pass 1 on everything, then pass 2 on everything (the sharded path's calls)
     bertadam    BertAdam(fused=True), the yardstick of the 1.5x target
@@ -28,17 +28,18 @@ import torch
 
 from bertopt.bench import harness
 from bertopt.bench.methods import FAST_PATH, LAMB_FAST_PATH, METHODS
-from bertopt.optim import _lamb, _lamb_native
+from bertopt.optim import _lamb
+from bertopt.optim.native import build, kernels
 
 
 def two_calls(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, h, clip_coef, trust_clip,
               segment_numel=None):
     """The step as two kernel calls over all tensors: what the segmented step replaces."""
-    p_sq, u_sq = _lamb_native.moments(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, h, clip_coef,
+    p_sq, u_sq = kernels.lamb_moments(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, h, clip_coef,
                                       apply_scales=None)
     norms = torch.cat([p_sq, u_sq]).sqrt().float()
     n = len(params)
-    _lamb_native.apply(lib, params, grads, _lamb.trust_ratio(norms[:n], norms[n:], trust_clip) * h.lr)
+    kernels.lamb_apply(lib, params, exp_avgs, exp_avg_sqs, bias_corrections, h, _lamb.trust_ratio(norms[:n], norms[n:], trust_clip) * h.lr)
 
 
 def main(argv=None) -> int:
@@ -49,10 +50,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="JSON file for the raw times and the summary")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if _lamb_native.library() is None:
-        raise SystemExit(f"the LAMB kernel is unavailable: {_lamb_native.status()}")
+    if build.library() is None:
+        raise SystemExit(f"the LAMB kernel is unavailable: {build.status()}")
 
-    shipped = _lamb_native.step
+    shipped = kernels.lamb_step
     variants = {
         "segmented": shipped,
         "one-segment": lambda *a, **k: shipped(*a, segment_numel=1 << 62),
@@ -64,11 +65,11 @@ def main(argv=None) -> int:
         lamb_step = METHODS[LAMB_FAST_PATH].build(tensors.params, tensors.names, tensors.moments)
 
         def run(lamb_step=lamb_step, variant=variant):
-            _lamb_native.step = variant
+            kernels.lamb_step = variant
             try:
                 lamb_step()
             finally:
-                _lamb_native.step = shipped
+                kernels.lamb_step = shipped
 
         steps[name] = run
     steps["bertadam"] = METHODS[FAST_PATH].build(tensors.params, tensors.names, tensors.moments)
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     if args.out:
         report = {"command": "python benchmarks/lamb_segments.py " + " ".join(argv or []),
                   "size": args.size, "threads": args.threads, "reps": args.reps,
-                  "segment_numel": _lamb_native.SEGMENT_NUMEL, "load": load,
+                  "segment_numel": kernels.SEGMENT_NUMEL, "load": load,
                   "summary": summary, "times_s": times}
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     return 0

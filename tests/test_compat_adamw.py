@@ -46,7 +46,7 @@ def path(name: str):
     if name != "fused-torch":
         yield IMPLEMENTATIONS[name]
         return
-    native = pytest.importorskip("bertopt.optim._native")  # the one internal: moves with bertopt.optim
+    from bertopt.optim.native import build as native  # the one internal (an ImportError here is a failure)
     previous = native.use_native(False)
     try:
         yield IMPLEMENTATIONS["fused"]

@@ -16,9 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bertopt import BertAdam, Lamb
-from bertopt.optim import _lamb, _lamb_native
+from bertopt.optim import _lamb
+from bertopt.optim.native import build, kernels
 
-# "fused" on float32 CPU tensors is our C kernel (_lamb_native); "fused-torch" is the
+# "fused" on float32 CPU tensors is our C kernel (csrc/lamb.c); "fused-torch" is the
 # same fused path with the C kernel unavailable: torch's fused Adam kernel + workspace,
 # what other devices and dtypes get.
 FUSED_TORCH = dict(fused=True)
@@ -27,7 +28,7 @@ IMPL_IDS = ["reference", "foreach", "fused", "fused-torch"]
 
 
 def native_off():
-    return mock.patch.object(_lamb_native, "library", lambda: None)
+    return mock.patch.object(build, "library", lambda: None)
 
 
 def path_of(impl):
@@ -274,32 +275,37 @@ def test_low_precision_params_follow_float32(dtype, impl):
     assert max_abs_diff(fp32, low) < tol
 
 
-def test_native_kernel_builds_wherever_bertadams_does():
-    # The LAMB kernel is compiled together with _native's C source; if that interface
-    # drifts, the build fails (and Lamb falls back to torch's kernel): say so loudly here.
-    from bertopt.optim import _native
+def test_one_library_holds_every_kernel():
+    # BertAdam's and LAMB's kernels are compiled together (one thread pool): if one of
+    # them stops compiling, both fall back to torch; say so loudly here.
+    lib = build.library()
+    if lib is None:
+        pytest.skip(build.status())
+    for name in ("bertopt_sumsq_f32", "bertopt_adam_f32", "bertopt_lamb_moments_f32", "bertopt_lamb_apply_f32",
+                 "bertopt_lamb_step_f32"):
+        assert hasattr(lib, name), name
 
-    if _native.library() is None:
-        pytest.skip(_native.status())
-    assert _lamb_native.library() is not None, _lamb_native.status()
 
-
-def test_default_is_the_native_kernel_on_cpu_float32_and_it_leaves_u_in_grad():
-    if _lamb_native.library() is None:
-        pytest.skip(_lamb_native.status())
+def test_default_is_the_native_kernel_on_cpu_float32_and_it_leaves_grad_alone():
+    if build.library() is None:
+        pytest.skip(build.status())
     params = make_params()
     start = [p.detach().clone() for p in params]
     grads = grad_sequence(SHAPES, 1)[0]
     for p, g in zip(params, grads):
         p.grad = g.clone()
     opt = Lamb(two_groups(params), lr=0.05, max_grad_norm=None)  # default implementation
+    before = dict(kernels.calls)
     opt.step()
+    assert kernels.calls["lamb_step"] == before.get("lamb_step", 0) + 1
     assert not opt._workspaces  # no temporaries
-    for i in (0, 2, 4):  # adapted: .grad now holds u, and p moved by lr * (||p|| / ||u||) * u
-        u = params[i].grad
+    for i in (0, 2, 4):  # adapted: p moved by lr * (||p|| / ||u||) * u, u from the first step's m, v
+        state = opt.state[params[i]]
+        m_hat, v_hat = state["exp_avg"] / (1 - 0.9), state["exp_avg_sq"] / (1 - 0.999)
+        u = m_hat / (v_hat.sqrt() + 1e-6) + 0.01 * start[i]
         r = torch.linalg.vector_norm(start[i]) / torch.linalg.vector_norm(u)
         torch.testing.assert_close(start[i] - params[i].detach(), 0.05 * r * u, rtol=1e-5, atol=1e-7)
-    for i in (1, 3):  # not adapted (wd 0): one pass, gradient left alone
+    for i in range(len(params)):  # .grad is only read
         assert torch.equal(params[i].grad, grads[i])
 
 
@@ -312,10 +318,10 @@ def test_native_step_is_the_same_for_any_segment_size_and_thread_count(trust_cli
     # claim, with a barrier between the passes. Its per-tensor norms are summed in a
     # fixed order, so the segment size and the number of threads must not change a bit;
     # and it must equal the two-call path (moments, then apply) up to norm summation order.
-    lib = _lamb_native.library()
+    lib = build.library()
     if lib is None:
-        pytest.skip(_lamb_native.status())
-    from bertopt.optim._impl import AdamHyper
+        pytest.skip(build.status())
+    from bertopt.optim._adam import AdamHyper
 
     h = AdamHyper(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, bias_correction=True,
                   decoupled=True)
@@ -335,7 +341,7 @@ def test_native_step_is_the_same_for_any_segment_size_and_thread_count(trust_cli
         for n_threads in (1, 2):
             torch.set_num_threads(n_threads)
             for segment in (1 << 30, 2_000_000, 1):
-                results[n_threads, segment] = run(lambda p, g, m, v: _lamb_native.step(
+                results[n_threads, segment] = run(lambda p, g, m, v: kernels.lamb_step(
                     lib, p, g, m, v, bias_corrections, h, 0.7, trust_clip, segment_numel=segment))
     finally:
         torch.set_num_threads(threads)
@@ -344,9 +350,9 @@ def test_native_step_is_the_same_for_any_segment_size_and_thread_count(trust_cli
         assert all(torch.equal(a, b) for a, b in zip(first, out)), key
 
     def two_calls(p, g, m, v):
-        p_sq, u_sq = _lamb_native.moments(lib, p, g, m, v, bias_corrections, h, 0.7, apply_scales=None)
+        p_sq, u_sq = kernels.lamb_moments(lib, p, g, m, v, bias_corrections, h, 0.7, apply_scales=None)
         norms = torch.cat([p_sq, u_sq]).sqrt().float()
-        _lamb_native.apply(lib, p, g, _lamb.trust_ratio(norms[:5], norms[5:], trust_clip) * h.lr)
+        kernels.lamb_apply(lib, p, m, v, bias_corrections, h, _lamb.trust_ratio(norms[:5], norms[5:], trust_clip) * h.lr)
 
     for a, b in zip(first, run(two_calls)):
         torch.testing.assert_close(a, b, rtol=2e-6, atol=0)
@@ -369,7 +375,6 @@ void *calloc(size_t n, size_t size) {  /* fails once for n elements of 8 bytes, 
 OUT_OF_MEMORY_STEP = """
 import ctypes, sys, torch
 from bertopt import Lamb
-from bertopt.optim import _lamb_native
 torch.manual_seed(0)
 params = [torch.nn.Parameter(torch.randn(100_000)), torch.nn.Parameter(torch.randn(300_001))]
 opt = Lamb(params, lr=0.01)
@@ -397,15 +402,13 @@ print("unchanged")
 def test_out_of_memory_in_the_native_step_changes_nothing(tmp_path):
     # The kernel allocates everything before it touches a tensor, and the step count is
     # put back: a MemoryError leaves the optimizer as it was, so the step can be retried.
-    if _lamb_native.library() is None:
-        pytest.skip(_lamb_native.status())
+    if build.library() is None:
+        pytest.skip(build.status())
     import os
     import subprocess
     import sys
 
-    from bertopt.optim import _native
-
-    cc = _native.find_compiler()
+    cc = build.find_compiler()
     shim = tmp_path / "failing_calloc.so"
     (tmp_path / "failing_calloc.c").write_text(FAILING_CALLOC)
     subprocess.run([cc, "-shared", "-fPIC", "-O1", str(tmp_path / "failing_calloc.c"), "-o", str(shim), "-ldl"],

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from bertopt import Lamb
-from bertopt.optim import _lamb_native
+from bertopt.optim.native import build
 
 REFERENCE_DIR = Path(__file__).parent / "lamb_reference"
 # fused: our C kernel on float32 CPU; fused-torch: the fused path without it (torch's kernel)
@@ -54,7 +54,7 @@ def run_ours(fixture: dict, impl: str, group_weight_decay: float, **kwargs) -> l
     ]
     opt = Lamb(groups, lr=fixture["lr"], **IMPLS[impl], **kwargs)
     trajectory = []
-    with mock.patch.object(_lamb_native, "library", lambda: None) if impl == "fused-torch" else contextlib.nullcontext():
+    with mock.patch.object(build, "library", lambda: None) if impl == "fused-torch" else contextlib.nullcontext():
         for grads in fixture["grads"]:
             for n in names:
                 params[n].grad = torch.tensor(grads[n], dtype=torch.float32)

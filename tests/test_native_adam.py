@@ -1,4 +1,4 @@
-"""The native CPU kernel behind BertAdam's fused path (bertopt/optim/_native.py), and its
+"""The native CPU kernel behind BertAdam's fused path (bertopt/optim/csrc, bertopt/optim/native), and its
 fallback to torch's fused kernel: exactness against the reference, thread-count
 independence, what it leaves untouched, and what happens without a compiler."""
 
@@ -11,14 +11,15 @@ import pytest
 import torch
 
 import bertopt
-from bertopt.optim import _impl, _native
+from bertopt.optim import _adam
+from bertopt.optim.native import build, kernels
 
 needs_compiler = pytest.mark.skipif(
-    _native.library() is None, reason=f"native kernel unavailable: {_native.status()}"
+    build.library() is None, reason=f"native kernel unavailable: {build.status()}"
 )
 
 # Sizes cross the kernel's work-item boundary (_CHUNK) and include empty and 0-dim tensors.
-SHAPES = [(_native._CHUNK + 3,), (37, 5), (), (0,), (4, 0), (1000,)]
+SHAPES = [(kernels.CHUNK + 3,), (37, 5), (), (0,), (4, 0), (1000,)]
 
 
 def make_state(seed, shapes=SHAPES):
@@ -37,9 +38,9 @@ def clone_all(state):
 
 @pytest.fixture
 def native_on():
-    previous = _native.use_native(True)
+    previous = build.use_native(True)
     yield
-    _native.use_native(previous)
+    build.use_native(previous)
 
 
 @needs_compiler
@@ -48,13 +49,13 @@ def native_on():
 @pytest.mark.parametrize("clip", [None, 0.37, 1.0])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 def test_native_step_is_the_reference_up_to_torchs_sqrt(native_on, decoupled, bias_correction, clip, weight_decay):
-    h = _impl.AdamHyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=weight_decay,
+    h = _adam.AdamHyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=weight_decay,
                         bias_correction=bias_correction, decoupled=decoupled)
     clip_coef = None if clip is None else torch.tensor(clip)
     ref = make_state(0)
     nat = clone_all(ref)
-    _impl.bert_adam_reference(*ref, h, clip_coef)
-    _impl.bert_adam_fused(*nat, h, clip_coef)
+    _adam.bert_adam_reference(*ref, h, clip_coef)
+    _adam.bert_adam_fused(*nat, h, clip_coef)
     p_ref, g_ref, m_ref, v_ref, s_ref = ref
     p_nat, g_nat, m_nat, v_nat, s_nat = nat
     for i in range(len(SHAPES)):
@@ -74,17 +75,17 @@ def test_native_step_is_the_reference_up_to_torchs_sqrt(native_on, decoupled, bi
 
 @needs_compiler
 def test_native_result_does_not_depend_on_thread_count(native_on):
-    h = _impl.AdamHyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01,
+    h = _adam.AdamHyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01,
                         bias_correction=False, decoupled=True)
-    shapes = [(3 * _native._CHUNK + 11,), (_native._CHUNK,), (768,)]
+    shapes = [(3 * kernels.CHUNK + 11,), (kernels.CHUNK,), (768,)]
     results, norms = [], []
     threads = torch.get_num_threads()
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
             state = make_state(1, shapes)
-            norms.append(_native.sum_of_squares(_native.library(), state[1]))
-            _impl.bert_adam_fused(*state, h, torch.tensor(0.5))
+            norms.append(kernels.sum_of_squares(build.library(), state[1]))
+            _adam.bert_adam_fused(*state, h, torch.tensor(0.5))
             results.append(state)
     finally:
         torch.set_num_threads(threads)
@@ -98,10 +99,13 @@ def test_native_result_does_not_depend_on_thread_count(native_on):
 def test_sum_of_squares_matches_float64(native_on):
     tensors = make_state(2)[1]
     expected = sum(float(t.double().pow(2).sum()) for t in tensors)
-    got = _native.sum_of_squares(_native.library(), tensors)
-    assert math.isclose(got, expected, rel_tol=1e-12)
-    assert math.isinf(_native.sum_of_squares(_native.library(), [torch.tensor([1.0, math.inf])]))
-    assert math.isnan(_native.sum_of_squares(_native.library(), [torch.tensor([1.0, math.nan])]))
+    got = kernels.sum_of_squares(build.library(), tensors)
+    # float32 sums of 32 squares per lane, blocks added in double (csrc/norm.c): was 1e-12 when
+    # every square was summed in double, which made the pass compute-bound
+    # (tests/test_norm_accuracy.py: large tensors)
+    assert math.isclose(got, expected, rel_tol=1e-7)
+    assert math.isinf(kernels.sum_of_squares(build.library(), [torch.tensor([1.0, math.inf])]))
+    assert math.isnan(kernels.sum_of_squares(build.library(), [torch.tensor([1.0, math.nan])]))
 
 
 @needs_compiler
@@ -134,15 +138,16 @@ def clipped_bert_adam_run(steps=3):
 
 @needs_compiler
 def test_fused_path_uses_native_kernel_and_falls_back_to_torchs(native_on):
+    calls = kernels.calls["adam"]
     native_params, native_grads, _ = clipped_bert_adam_run()
-    # Native: .grad is what backward left there.
+    assert kernels.calls["adam"] == calls + 3
+    # .grad is what backward left there (on every path: tests/test_grad_contract.py).
     assert all(torch.equal(p.grad, g) for p, g in zip(native_params, native_grads))
-    _native.use_native(False)
-    assert _native.library() is None and "use_native(False)" in _native.status()
+    build.use_native(False)
+    assert build.library() is None and "use_native(False)" in build.status()
     torch_params, torch_grads, opt = clipped_bert_adam_run()
-    # torch's kernel leaves the clipped gradient in .grad, the fingerprint of the fallback.
-    coef = 1.0 / opt.last_grad_norm
-    assert all(torch.allclose(p.grad, g * coef, rtol=1e-6) for p, g in zip(torch_params, torch_grads))
+    assert kernels.calls["adam"] == calls + 3  # torch's kernel ran
+    assert all(torch.equal(p.grad, g) for p, g in zip(torch_params, torch_grads))
     for a, b in zip(native_params, torch_params):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
@@ -152,16 +157,17 @@ def test_without_a_compiler_the_fused_path_is_torchs(monkeypatch, tmp_path, nati
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("BERTOPT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
-    _native.reset_for_tests()
+    build.reset_for_tests()
     try:
-        assert _native.library() is None
-        assert "no C compiler" in _native.status()
+        assert build.library() is None
+        assert "no C compiler" in build.status()
+        calls = kernels.calls["adam"]
         params, grads, opt = clipped_bert_adam_run()
-        coef = 1.0 / opt.last_grad_norm
-        assert all(torch.allclose(p.grad, g * coef, rtol=1e-6) for p, g in zip(params, grads))
+        assert kernels.calls["adam"] == calls
+        assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))
     finally:
         monkeypatch.undo()
-        _native.reset_for_tests()
+        build.reset_for_tests()
 
 
 def test_a_broken_compiler_is_reported_not_raised(monkeypatch, tmp_path, native_on):
@@ -171,33 +177,33 @@ def test_a_broken_compiler_is_reported_not_raised(monkeypatch, tmp_path, native_
     monkeypatch.delenv("BERTOPT_NATIVE", raising=False)
     monkeypatch.setenv("CC", false)
     monkeypatch.setenv("BERTOPT_CACHE_DIR", str(tmp_path))
-    _native.reset_for_tests()
+    build.reset_for_tests()
     try:
-        assert _native.library() is None
-        assert "compiling the native kernel failed" in _native.status()
+        assert build.library() is None
+        assert "compiling the native kernel failed" in build.status()
     finally:
         monkeypatch.undo()
-        _native.reset_for_tests()
+        build.reset_for_tests()
 
 
 def test_environment_switch_turns_the_kernel_off(monkeypatch, native_on):
     monkeypatch.setenv("BERTOPT_NATIVE", "0")
-    _native.reset_for_tests()
+    build.reset_for_tests()
     try:
-        assert _native.library() is None
-        assert "BERTOPT_NATIVE=0" in _native.status()
+        assert build.library() is None
+        assert "BERTOPT_NATIVE=0" in build.status()
     finally:
         monkeypatch.undo()
-        _native.reset_for_tests()
+        build.reset_for_tests()
 
 
 def test_only_plain_contiguous_float32_cpu_tensors_are_eligible():
     x = torch.zeros(4, 4)
-    assert _native.eligible([x], [torch.nn.Parameter(x.clone())])
-    assert not _native.eligible([x.t()])  # not contiguous
-    assert not _native.eligible([x.half()])
-    assert not _native.eligible([x.to_sparse()])
-    assert not _native.eligible([x], [x.double()])
+    assert kernels.eligible([x], [torch.nn.Parameter(x.clone())])
+    assert not kernels.eligible([x.t()])  # not contiguous
+    assert not kernels.eligible([x.half()])
+    assert not kernels.eligible([x.to_sparse()])
+    assert not kernels.eligible([x], [x.double()])
 
 
 @needs_compiler
@@ -209,7 +215,7 @@ def test_low_precision_params_take_torchs_kernel(native_on, dtype):
     g = params[0].grad.clone()
     opt.step()
     assert params[0].dtype == dtype and opt.state[params[0]]["exp_avg"].dtype == dtype
-    assert not torch.equal(params[0].grad, g)  # torch's kernel stored the clipped gradient
+    assert torch.equal(params[0].grad, g)  # torch's kernel got a copy: .grad is unchanged
 
 
 @needs_compiler
@@ -233,17 +239,17 @@ def test_portable_build_without_march_native_matches_too(tmp_path):
     # x86-64 without FMA a*b+c instead of fused multiply-adds, as torch's own fallback.
     import ctypes
 
-    cc = _native.find_compiler()
+    cc = build.find_compiler()
     out = tmp_path / "portable.so"
-    assert _native._compile(cc, out, _native._BASE_FLAGS, _native.C_SOURCE) is None
+    assert build.compile_library(cc, out, build.BASE_FLAGS) is None
     lib = ctypes.CDLL(str(out))
-    _native._declare(lib)
-    h = _impl.AdamHyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01,
+    kernels.declare(lib)
+    h = _adam.AdamHyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01,
                         bias_correction=False, decoupled=True)
     ref = make_state(5)
     nat = clone_all(ref)
-    _impl.bert_adam_reference(*ref, h, torch.tensor(0.5))
-    _native.adam_step(lib, *nat[:4], None, h, 0.5)
+    _adam.bert_adam_reference(*ref, h, torch.tensor(0.5))
+    kernels.adam_step(lib, *nat[:4], None, h, 0.5)
     for lst_ref, lst_nat in zip(ref[:4], nat[:4]):
         for a, b in zip(lst_ref, lst_nat):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -29,7 +29,8 @@ def add_arguments(parser) -> None:
     from bertopt.bench.shapes import SIZES
 
     parser.add_argument("--quick", action="store_true",
-                        help=f"small sizes ({', '.join(QUICK_SIZES)}), few repetitions: a smoke test in seconds")
+                        help=f"small sizes ({', '.join(QUICK_SIZES)}), few repetitions, no peers that compile "
+                             "first (compiled, deepspeed-cpuadam) unless named: a smoke test in seconds")
     parser.add_argument("--sizes", default=None,
                         help=f"comma-separated model sizes, default all: {','.join(SIZES)}")
     parser.add_argument("--methods", default=None, help=f"comma-separated, default all: {','.join(METHODS)}")
@@ -58,6 +59,8 @@ def resolve_options(args) -> dict:
     for name in sizes:
         size_by_name(name)
     methods = select(args.methods.split(",") if args.methods else None)
+    if quick and not args.methods:  # a smoke test: no compiling of other projects' steps
+        methods = [m for m in methods if not m.peer]
     reps = args.reps if args.reps is not None else (3 if quick else 15)
     min_reps = args.min_reps if args.min_reps is not None else (2 if quick else 5)
     budget = args.budget if args.budget is not None else (0.3 if quick else 8.0)
@@ -128,9 +131,9 @@ def run(args) -> int:
     import torch
 
     from bertopt.bench import harness, memory, results
-    from bertopt.bench.methods import unavailable_reason
+    from bertopt.bench.methods import SETUP_NOTES, unavailable_reason
     from bertopt.bench.shapes import bert_parameter_shapes, parameter_count, size_by_name
-    from bertopt.optim import _native
+    from bertopt.optim.native import build as native_build
 
     opts = resolve_options(args)
     torch.set_num_threads(opts["threads"])
@@ -141,12 +144,12 @@ def run(args) -> int:
             print(f"skipping {m.name}: {reason}")
         else:
             methods.append(m)
-    _native.library()  # compile before anything is timed
+    native_build.library()  # compile before anything is timed
     print(f"bertopt bench: {len(methods)} methods, sizes {', '.join(opts['sizes'])}, "
-          f"{opts['threads']} threads; native kernel: {_native.status()}")
+          f"{opts['threads']} threads; native kernel: {native_build.status()}")
 
     monitor = harness.LoadMonitor()
-    per_size, skipped = [], {}
+    per_size, skipped, notes_seen = [], {}, []
     for size_name in opts["sizes"]:
         count = parameter_count(bert_parameter_shapes(size_by_name(size_name)))
         available = _available_memory_bytes()
@@ -157,6 +160,10 @@ def run(args) -> int:
             continue
         raw = harness.time_size(size_name, methods, reps=opts["reps"], min_reps=opts["min_reps"],
                                 budget_s=opts["budget"])
+        for note in SETUP_NOTES[len(notes_seen):]:
+            note["size"] = size_name
+            print(f"  setup, not timed: {note}")
+        notes_seen = list(SETUP_NOTES)
         result = results.analyse_size(size_name, raw)
         per_size.append(result)
         print(results.table(result))
@@ -192,10 +199,11 @@ def run(args) -> int:
             "cpu": _cpu_model(),
             "cpus": os.cpu_count(),
             "threads": opts["threads"],
-            "native_kernel": _native.status(),
+            "native_kernel": native_build.status(),
             "options": {k: v for k, v in opts.items() if k != "methods"},
             "methods": {m.name: m.description for m in methods},
             "load": load,
+            "setup": SETUP_NOTES,
             "definitions": {
                 "bandwidth_GBps": "12 bytes * params / median time of an in-place add a += b (float32)",
                 "floor_s": "32 bytes * params / bandwidth (read g for the norm; read p,g,m,v, write p,m,v)",
@@ -203,7 +211,8 @@ def run(args) -> int:
                 "ratio_to_floor": "median step time / floor_s",
                 "speedup_vs_torch_fused": "median of torch-adamw-fused / median of the method",
                 "lamb_vs_bertadam": "bertopt-lamb-fused / bertopt-fused: ratio of medians and median of "
-                                    "per-round ratios (target <= 1.5); byte_ratio = 44 / 32 bytes per parameter",
+                                    "per-round ratios (target <= 1.35); byte_ratio = 44 / 32 bytes per parameter",
+                "fast_path_vs_peers": "peer / bertopt-fused: ratio of medians and median of per-round ratios",
             },
         },
         "sizes": per_size,

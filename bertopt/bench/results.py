@@ -7,9 +7,9 @@ import statistics
 from pathlib import Path
 
 from bertopt.bench.harness import FLOOR_BYTES_PER_PARAM, PROBE, PROBE_BYTES_PER_ELEMENT, summarize
-from bertopt.bench.methods import BASELINE, FAST_PATH, LAMB_FAST_PATH, METHODS, PPB
+from bertopt.bench.methods import BASELINE, FAST_PATH, LAMB_FAST_PATH, METHODS, PEER_TARGETS, PPB
 
-LAMB_TARGET = 1.5  # a LAMB step at most 1.5x a BertAdam step on the same tensors
+LAMB_TARGET = 1.35  # a LAMB step at most 1.35x a BertAdam step on the same tensors
 
 
 def analyse_size(size_name: str, raw: dict) -> dict:
@@ -56,7 +56,33 @@ def analyse_size(size_name: str, raw: dict) -> dict:
         "floor_s": floor_s,
         "methods": methods,
         "lamb_vs_bertadam": lamb_vs_bertadam(methods),
+        "fast_path_vs_peers": fast_path_vs_peers(methods),
     }
+
+
+def fast_path_vs_peers(methods: dict) -> dict:
+    """How much faster BertAdam's fast path is than each peer that ran: ratio of medians,
+    median of per-round ratios (peer / ours), and the target."""
+    if FAST_PATH not in methods:
+        return {}
+    ours = methods[FAST_PATH]
+    return {
+        peer: {"speedup": methods[peer]["median_s"] / ours["median_s"],
+               "speedup_paired": paired_median_ratio(methods[peer]["times_s"], ours["times_s"]),
+               "target": target}
+        for peer, target in PEER_TARGETS.items() if peer in methods
+    }
+
+
+def peers_line(result: dict) -> str | None:
+    peers = result.get("fast_path_vs_peers") or {}
+    if not peers:
+        return None
+    cells = [f"{peer} {v['speedup']:.2f}x (paired {v['speedup_paired']:.2f}x, target >= {v['target']:.2f}x: "
+             f"{'met' if v['speedup_paired'] >= v['target'] else 'missed'})" for peer, v in peers.items()]
+    floor = result["methods"][FAST_PATH]
+    return (f"{FAST_PATH}: {floor['ratio_to_floor']:.2f}x the floor (paired {floor['ratio_to_floor_paired']:.2f}x); "
+            "faster than " + "; ".join(cells))
 
 
 def lamb_vs_bertadam(methods: dict) -> dict | None:
@@ -108,8 +134,9 @@ def table(result: dict, memory: dict | None = None) -> str:
             cell = "" if m is None else f"{m['percent_of_param_bytes']:.1f}%"
             row += f"{cell:>10}"
         lines.append(row)
-    if line := lamb_line(result):
-        lines.append(line)
+    for line in (lamb_line(result), peers_line(result)):
+        if line:
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -199,8 +226,14 @@ def markdown(report: dict) -> str:
                 f"{_x(s['speedup_vs_torch_fused_paired'])}, {_x(s['speedup_vs_ppb_paired'])} | {mem_cell} |"
             )
         out.append("")
-        if line := lamb_line(headline):
-            out += [line, ""]
+        for line in (lamb_line(headline), peers_line(headline)):
+            if line:
+                out += [line, ""]
+    for r in sizes:
+        if r is not headline and (line := peers_line(r)):
+            out += [f"{r['size']}: {line}", ""]
+    for note in meta.get("setup", []):
+        out.append(f"setup (not timed): {note}  ")
     if len(sizes) > 1:
         names = [n for n in METHODS if any(n in r["methods"] for r in sizes)]
         with_lamb = any(r.get("lamb_vs_bertadam") for r in sizes)

@@ -25,8 +25,9 @@ from torch import Tensor
 
 # The internals of bertopt.optim used here: its functional Adam entry point, and whether
 # its native kernel (rather than torch's fused one) will take a list of tensors.
-from bertopt.optim import _native, base
-from bertopt.optim._impl import AdamHyper, bert_adam as _bert_adam
+from bertopt.optim import base
+from bertopt.optim._adam import AdamHyper, bert_adam as _bert_adam
+from bertopt.optim.native import build, kernels
 
 IMPLEMENTATIONS = ("reference", "foreach", "fused")
 
@@ -50,7 +51,7 @@ def native_kernel_takes(*tensor_lists: list[Tensor]) -> bool:
     1.1e-6 against pytorch-pretrained-bert after 40 steps, so BertAdam with decay does not
     use it (``bert_adam.bert_adam_fused``).
     """
-    return _native.eligible(*tensor_lists) and _native.library() is not None
+    return kernels.eligible(*tensor_lists) and build.library() is not None
 
 
 _SCRATCH_STEP = torch.zeros((), dtype=torch.float32)

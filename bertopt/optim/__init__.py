@@ -1,4 +1,4 @@
-"""Optimizers: BertAdam (and LAMB), their math in ``_impl``, global clipping in ``clip``."""
+"""Optimizers: BertAdam (and LAMB), their math in ``_adam`` and ``_lamb``, global clipping in ``clip``."""
 
 from bertopt.optim.bert_adam import BertAdam
 from bertopt.optim.clip import clip_coefficient, global_grad_norm

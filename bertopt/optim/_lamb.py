@@ -25,16 +25,21 @@ piece is not the norm of the tensor, so the sums of squares are added across the
 ``foreach``    the same equations on lists of local shards (``torch._foreach_*``), with
                list-sized temporaries (16-bit tensors go through float32 copies); all
                trust-ratio norms of a bucket of tensors in one reduction.
-``fused``      float32 CPU tensors: our C kernel (``_lamb_native``), two passes over
-               memory (moments, u written over g and the norms; then p -= lr*r*u), no
-               temporaries; unsharded tensors a cache-sized segment at a time.
-               Elsewhere: torch's fused Adam kernel does the moment update and writes ``-u`` into a reused workspace (run with lr = 1 on a buffer that
+``fused``      float32 CPU tensors: our C kernel (``csrc/lamb.c``), two passes over
+               memory (moments and the norms; then u again from p, m, v and
+               p -= lr*r*u), no temporaries; unsharded tensors a cache-sized segment at
+               a time. Elsewhere: torch's fused Adam kernel does the moment update and
+               writes ``-u`` into a reused workspace (run with lr = 1 on a buffer that
                holds ``-wd * p``: ``-wd*p - m_hat/(sqrt(v_hat)+eps) = -u``); then the
                norms, then ``p += lr * r * (-u)``; memory: one workspace the size of one
                bucket (``BUCKET_NUMEL`` elements, or the largest tensor), reused every
-               step. Either way, tensors that are not adapted (weight decay 0 and not
-               ``always_adapt``) take one plain Adam pass, since for them r = 1, and
-               ``.grad`` is left modified (u, or the clipped gradient).
+               step, and copies of a bucket's gradients when clipping (torch's kernel
+               would store the scaled gradient back). Either way, tensors that are not
+               adapted (weight decay 0 and not ``always_adapt``) take one plain Adam
+               pass, since for them r = 1.
+
+``.grad`` after ``step()`` is what it was before, on every path (as for BertAdam: see
+``_adam``).
 
 The fast paths run bucket by bucket (consecutive tensors totalling at most
 ``BUCKET_NUMEL`` elements of the *whole* tensors, so every process forms the same
@@ -48,10 +53,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bertopt.optim import _lamb_native, _native
-from bertopt.optim._impl import (_NO_BIAS_CORRECTION_STEP, AdamHyper, adam_direction, bias_correction_factors,
-                                 group_by_device_and_dtype)
-from bertopt.optim.clip import DTensor, local_part, whole_sums_of_squares
+from bertopt.optim._adam import (AdamHyper, adam_direction, bias_correction_factors, foreach_direction,
+                                 group_by_device_and_dtype, in_float32, one_tensor_at_a_time,
+                                 torch_fused_kernel_steps)
+from bertopt.optim._dtensor import DTensor, local_part, whole_sums_of_squares
+from bertopt.optim.native import build, kernels
 
 # Elements per bucket of the fast paths: 16M (64 MiB of float32 workspace). Large enough
 # that per-bucket overhead (one reduction for sharded tensors) is negligible.
@@ -87,20 +93,12 @@ def whole_norm(t: Tensor) -> Tensor:
 def lamb_reference(params, grads, exp_avgs, exp_avg_sqs, steps, h: LambHyper, clip_coef: Tensor | None):
     """One tensor at a time, exactly the equations in the module docstring (float32 math)."""
     a = h.adam
-    for p, g, m, v, step in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
-        step += 1
-        p32, m32, v32 = p.float(), m.float(), v.float()  # no copies for float32 tensors
-        g = g.float()
-        if clip_coef is not None:
-            g = g * clip_coef
+    for p32, g, m32, v32, step in one_tensor_at_a_time(params, grads, exp_avgs, exp_avg_sqs, steps, clip_coef):
         update = adam_direction(g, m32, v32, step, a)
         if a.weight_decay != 0:
             update = update + a.weight_decay * p32
         ratio = trust_ratio(whole_norm(p32), whole_norm(update), h.trust_clip) if h.adapt else 1.0
         p32.sub_(update * (a.lr * ratio))
-        for low, high in ((p, p32), (m, m32), (v, v32)):
-            if low is not high:
-                low.copy_(high)
 
 
 # ----------------------------------------------------------------------------------------
@@ -129,33 +127,13 @@ def lamb_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, owners, h: LambHyp
     explodes.
     """
     if params[0].dtype in (torch.float16, torch.bfloat16):
-        wide = [[t.float() for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
-        lamb_foreach(*wide, steps, owners, h, clip_coef, workspaces)
-        for narrow, wide_ts in ((params, wide[0]), (exp_avgs, wide[2]), (exp_avg_sqs, wide[3])):
-            torch._foreach_copy_(narrow, wide_ts)
+        in_float32(lamb_foreach, params, grads, exp_avgs, exp_avg_sqs, steps, owners, h, clip_coef, workspaces)
         return
     a = h.adam
     torch._foreach_add_(steps, 1)
     if clip_coef is not None:
         grads = torch._foreach_mul(grads, clip_coef.to(grads[0].device))
-    torch._foreach_mul_(exp_avgs, a.beta1)
-    torch._foreach_add_(exp_avgs, grads, alpha=1 - a.beta1)
-    torch._foreach_mul_(exp_avg_sqs, a.beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - a.beta2)
-    if a.bias_correction:
-        bc1, bc2 = bias_correction_factors(steps, a)
-        m_hat = torch._foreach_div(exp_avgs, bc1)
-        v_hat = torch._foreach_div(exp_avg_sqs, bc2)
-    else:
-        m_hat, v_hat = exp_avgs, exp_avg_sqs
-    denom = torch._foreach_sqrt(v_hat)
-    torch._foreach_add_(denom, a.eps)
-    if a.bias_correction:  # m_hat is already a temporary: divide it in place
-        updates = m_hat
-        torch._foreach_div_(updates, denom)
-    else:
-        updates = torch._foreach_div(exp_avgs, denom)
-    del denom
+    updates = foreach_direction(grads, exp_avgs, exp_avg_sqs, steps, a)
     if a.weight_decay != 0:
         torch._foreach_add_(updates, params, alpha=a.weight_decay)
     if not h.adapt:
@@ -166,27 +144,30 @@ def lamb_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, owners, h: LambHyp
     torch._foreach_addcmul_(params, updates, list(scales.to(params[0].dtype).unbind(0)))
 
 
-def lamb_fused(params, grads, exp_avgs, exp_avg_sqs, steps, owners, h: LambHyper, clip_coef, workspaces):
+def lamb_fused(params, grads, exp_avgs, exp_avg_sqs, steps, owners, h: LambHyper, clip_coef, workspaces,
+               found_inf: Tensor | None = None):
     """The fastest path for these tensors; see the module docstring.
 
-    float32 CPU: our C kernel (``_lamb_native``), which leaves u in ``.grad`` of adapted
-    tensors. Otherwise torch's fused Adam kernel for the moments and ``-u`` (into the
-    reused workspace from ``workspaces``), which leaves the clipped gradient in ``.grad``.
+    float32 CPU: our C kernel (``native.kernels``). Otherwise torch's fused Adam kernel
+    for the moments and ``-u`` (into the reused workspace from ``workspaces``), on copies
+    of the gradients when there is a clip coefficient (the kernel would store the scaled
+    gradient back). ``found_inf`` (0-dim, on the device; 1.0 skips the step) is given on
+    the sync-free path: the kernel then changes nothing and the final scales are 0.
     """
     a = h.adam
-    lib = _lamb_native.library() if _native.eligible(params + grads + exp_avgs + exp_avg_sqs) else None
+    lib = build.library() if kernels.eligible(params, grads, exp_avgs, exp_avg_sqs) else None
     if lib is not None:
         _lamb_native_step(lib, params, grads, exp_avgs, exp_avg_sqs, steps, owners, h, clip_coef)
         return
     device = params[0].device
-    torch._foreach_add_(steps, 1)
-    if a.bias_correction:
-        kernel_steps = [s.to(device) for s in steps]
-    else:
-        kernel_steps = [torch.full((), _NO_BIAS_CORRECTION_STEP, dtype=torch.float32, device=device)] * len(params)
+    kernel_steps = torch_fused_kernel_steps(steps, a, found_inf)
+    kernel_steps = [s if s.device == device else s.to(device) for s in kernel_steps]
     grad_scale = None if clip_coef is None else (1.0 / clip_coef).to(device)
+    found_inf = None if found_inf is None else found_inf.to(device)
+    if grad_scale is not None:
+        grads = [g.clone() for g in grads]  # at most one bucket (BUCKET_NUMEL elements) at a time
     adam = dict(beta1=a.beta1, beta2=a.beta2, weight_decay=0.0, eps=a.eps, amsgrad=False, maximize=False,
-                grad_scale=grad_scale, found_inf=None)
+                grad_scale=grad_scale, found_inf=found_inf)
     if not h.adapt:  # r = 1 and wd = 0: a plain Adam step
         torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], kernel_steps, lr=a.lr, **adam)
         return
@@ -199,31 +180,34 @@ def lamb_fused(params, grads, exp_avgs, exp_avg_sqs, steps, owners, h: LambHyper
     torch._fused_adam_(neg_updates, grads, exp_avgs, exp_avg_sqs, [], kernel_steps, lr=1.0, **adam)
     param_norms, update_norms = _whole_norms([params, neg_updates], owners)
     scales = trust_ratio(param_norms, update_norms, h.trust_clip) * a.lr
+    if found_inf is not None:  # skipped: neg_updates holds -wd * p, which must not be applied
+        scales = scales * (1 - found_inf)
     torch._foreach_addcmul_(params, neg_updates, list(scales.to(params[0].dtype).unbind(0)))
 
 
 def _lamb_native_step(lib, params, grads, exp_avgs, exp_avg_sqs, steps, owners, h: LambHyper, clip_coef):
-    """float32 CPU: the C kernel's two passes (``_lamb_native``), u stored over the
-    gradient; one pass where r = 1. A kernel that refuses (sizes, memory) changes nothing,
-    the step count included, except between the two calls of the sharded path."""
+    """float32 CPU: the C kernel's two passes (``csrc/lamb.c``); one pass where r = 1.
+    A kernel that refuses (sizes, memory) changes nothing, the step count included,
+    except between the two calls of the sharded path. ``.grad`` is only read."""
     a = h.adam
     clip = None if clip_coef is None else clip_coef.item()
-    with _native.counting_the_step(steps):
+    with kernels.counting_the_step(steps):
         bias_corrections = bias_correction_factors(steps, a) if a.bias_correction else None
         if not h.adapt:
-            _lamb_native.moments(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, a, clip,
+            kernels.lamb_moments(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, a, clip,
                                  apply_scales=[a.lr] * len(params))
             return
         if not any(isinstance(o, DTensor) for o in owners):  # both passes in one call, cache-blocked
-            _lamb_native.step(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, a, clip, h.trust_clip)
+            kernels.lamb_step(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, a, clip, h.trust_clip)
             return
-        p_sq, u_sq = _lamb_native.moments(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, a, clip,
-                                          apply_scales=None)  # u is now in grads
-    # Sharded: the sums of squares of the whole tensors, then pass 2.
+        p_sq, u_sq = kernels.lamb_moments(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, a, clip,
+                                          apply_scales=None)
+    # Sharded: the sums of squares of the whole tensors, then pass 2 (u again from p, m, v).
     squares = whole_sums_of_squares(torch.cat([p_sq, u_sq]), owners * 2)
     norms = squares.sqrt().float()
     n = len(params)
-    _lamb_native.apply(lib, params, grads, trust_ratio(norms[:n], norms[n:], h.trust_clip) * a.lr)
+    kernels.lamb_apply(lib, params, exp_avgs, exp_avg_sqs, bias_corrections, a,
+                       trust_ratio(norms[:n], norms[n:], h.trust_clip) * a.lr)
 
 
 def _views(workspace: Tensor, params: list[Tensor]) -> list[Tensor]:
@@ -265,12 +249,13 @@ def _workspace_for(workspaces: dict, params: list[Tensor]) -> Tensor:
 
 
 def lamb(params, grads, exp_avgs, exp_avg_sqs, steps, h: LambHyper, clip_coef: Tensor | None, impl: str,
-         workspaces: dict | None = None):
+         workspaces: dict | None = None, found_inf: Tensor | None = None):
     """Apply one LAMB update with the chosen implementation.
 
     ``params`` etc. may be DTensors; the fast paths work on their local shards.
     ``workspaces`` (fused on non-CPU/non-float32 tensors) maps (device, dtype) to a reused
-    buffer; pass the same dict every step.
+    buffer; pass the same dict every step. ``found_inf``: see ``lamb_fused`` (only the
+    fused implementation takes it).
     """
     if not params:
         return
@@ -278,8 +263,9 @@ def lamb(params, grads, exp_avgs, exp_avg_sqs, steps, h: LambHyper, clip_coef: T
         lamb_reference(params, grads, exp_avgs, exp_avg_sqs, steps, h, clip_coef)
         return
     fn = IMPLEMENTATIONS[impl]
+    extra = {} if found_inf is None else {"found_inf": found_inf}
     workspaces = {} if workspaces is None else workspaces
     local = [[local_part(t) for t in tensors] for tensors in (params, grads, exp_avgs, exp_avg_sqs)]
     for chunk in group_by_device_and_dtype(*local, steps, params):
         for bucket in _buckets(chunk, BUCKET_NUMEL):
-            fn(*bucket, h, clip_coef, workspaces)
+            fn(*bucket, h, clip_coef, workspaces, **extra)

@@ -18,7 +18,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from bertopt.optim.clip import DTensor, clip_coefficient, global_grad_norm, local_part
+from bertopt.optim._dtensor import DTensor, local_part
+from bertopt.optim.clip import clip_coefficient, global_grad_norm
+from bertopt.optim.native import build, kernels
 
 
 def check_hyperparameters(lr, betas, eps, weight_decay) -> None:
@@ -82,6 +84,19 @@ class GlobalClipOptimizer(Optimizer):
         self.last_grad_norm: Tensor | None = None
         self.skipped_steps = 0
 
+    # Skipped steps are counted on the host, or on the device by the sync-free path
+    # (read, and so synchronised, only when someone asks).
+    @property
+    def skipped_steps(self) -> int:
+        skipped = self._skipped_steps
+        if self._skipped_on_device is not None:
+            skipped += int(self._skipped_on_device.item())
+        return skipped
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped_steps, self._skipped_on_device = int(value), None
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = {**self.defaults, **param_group}
         check_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
@@ -91,7 +106,8 @@ class GlobalClipOptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("max_grad_norm", self.default_max_grad_norm)
         self.__dict__.setdefault("last_grad_norm", None)
-        self.__dict__.setdefault("skipped_steps", 0)
+        self.__dict__.setdefault("_skipped_steps", self.__dict__.pop("skipped_steps", 0))
+        self.__dict__.setdefault("_skipped_on_device", None)
 
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
@@ -115,8 +131,34 @@ class GlobalClipOptimizer(Optimizer):
     def _new_step(self, p: Tensor, impl: str) -> Tensor:
         raise NotImplementedError
 
-    def _update(self, group: dict[str, Any], impl: str, tensors: tuple[list[Tensor], ...], clip_coef: Tensor | None) -> None:
+    def _update(self, group: dict[str, Any], impl: str, tensors: tuple[list[Tensor], ...], clip_coef: Tensor | None,
+                found_inf: Tensor | None = None) -> None:
+        """Update one group; ``found_inf`` (0-dim on the device, 1.0: skip) only on the sync-free path."""
         raise NotImplementedError
+
+    def _steps_for(self, impl: str, tensors: tuple[list[Tensor], ...]) -> tuple[list[Tensor], ...]:
+        """The fused kernels want step counters on the parameter's device: move any that are
+        not (e.g. loaded from a CPU checkpoint) and keep the moved ones in the state."""
+        if impl != "fused":
+            return tensors
+        params, *rest, steps = tensors
+        moved = []
+        for p, s in zip(params, steps):
+            if s.device != p.device:
+                s = s.to(p.device)
+                self.state[p]["step"] = s
+            moved.append(s)
+        return (params, *rest, moved)
+
+    @staticmethod
+    def _sync_free(gathered) -> bool:
+        """True if every tensor of the step goes to torch's fused kernels: then the skip
+        decision stays on the device. (The native CPU kernel reads the norm on the host.)"""
+        if not gathered or any(impl != "fused" for _, impl, _ in gathered):
+            return False
+        if build.library() is None:
+            return True
+        return not any(kernels.eligible([local_part(p)]) for _, _, tensors in gathered for p in tensors[0])
 
     # --- the shared step ---
 
@@ -162,10 +204,18 @@ class GlobalClipOptimizer(Optimizer):
 
         total_norm = global_grad_norm([g for _, _, tensors in gathered for g in tensors[1]])
         self.last_grad_norm = total_norm
-        if not torch.isfinite(total_norm):
-            self.skipped_steps += 1  # like GradScaler: nothing changes, not even the step count
-            return loss
         clip_coef = None if self.max_grad_norm is None else clip_coefficient(total_norm, self.max_grad_norm)
+        if self._sync_free(gathered):
+            # No host read: the kernels skip the step themselves when found_inf is 1.
+            found_inf = (~torch.isfinite(total_norm)).float()
+            previous = self._skipped_on_device
+            self._skipped_on_device = found_inf if previous is None else previous + found_inf.to(previous.device)
+            for group, impl, tensors in gathered:
+                self._update(group, impl, tensors, clip_coef, found_inf)
+            return loss
+        if not torch.isfinite(total_norm):
+            self._skipped_steps += 1  # like GradScaler: nothing changes, not even the step count
+            return loss
         for group, impl, tensors in gathered:
             self._update(group, impl, tensors, clip_coef)
         return loss

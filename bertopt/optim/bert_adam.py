@@ -1,7 +1,7 @@
 """BertAdam: Google's BERT optimizer as a ``torch.optim.Optimizer``.
 
 The class checks arguments, gathers tensors and state, clips by the global gradient
-norm and dispatches to an implementation in ``_impl``; the math lives there.
+norm and dispatches to an implementation in ``_adam``; the math lives there.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from bertopt.optim import _impl
+from bertopt.optim import _adam
 from bertopt.optim.base import GlobalClipOptimizer
 
 WEIGHT_DECAY_MODES = ("decoupled", "l2")
@@ -39,9 +39,12 @@ class BertAdam(GlobalClipOptimizer):
 
     After each ``step()``, ``last_grad_norm`` holds the global gradient norm (before
     clipping). A step whose gradients contain inf or nan is skipped entirely (no
-    parameter, moment or step count changes) and counted in ``skipped_steps``. The
-    fused path leaves ``.grad`` as it found it for float32 CPU parameters (our native
-    kernel); elsewhere torch's fused kernel leaves the clipped gradient there.
+    parameter, moment or step count changes) and counted in ``skipped_steps``.
+    ``.grad`` is never written: after ``step()`` it holds what backward left there, on
+    every implementation (the clip is folded into the update). When every group runs on
+    torch's fused kernel (GPUs; CPU without a compiler or in 16 bits), the step makes no
+    host synchronisation: the norm, the clip coefficient and the skip decision stay on
+    the device (``found_inf``), and ``skipped_steps`` is read from there when asked for.
     """
 
     def __init__(
@@ -83,26 +86,17 @@ class BertAdam(GlobalClipOptimizer):
         # The fused kernels want the step on the parameter's device; the others on CPU.
         return torch.zeros((), dtype=torch.float32, device=p.device if impl == "fused" else "cpu")
 
-    def _update(self, group, impl, tensors, clip_coef) -> None:
-        params, grads, exp_avgs, exp_avg_sqs, steps = tensors
-        if impl == "fused":
-            steps = [_step_on(s, p.device) for s, p in zip(steps, params)]
-            for p, s in zip(params, steps):
-                self.state[p]["step"] = s
+    def _update(self, group, impl, tensors, clip_coef, found_inf=None) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, steps = self._steps_for(impl, tensors)
         beta1, beta2 = group["betas"]
-        hyper = _impl.AdamHyper(
+        hyper = _adam.AdamHyper(
             lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], bias_correction=group["bias_correction"],
             decoupled=group["weight_decay_mode"] == "decoupled",
         )
-        _impl.bert_adam(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, clip_coef, impl)
+        _adam.bert_adam(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, clip_coef, impl, found_inf)
 
 
 def _check_mode(weight_decay_mode: str) -> None:
     if weight_decay_mode not in WEIGHT_DECAY_MODES:
         raise ValueError(f"weight_decay_mode must be one of {WEIGHT_DECAY_MODES}, got {weight_decay_mode!r}")
-
-
-def _step_on(step: Tensor, device: torch.device) -> Tensor:
-    """Move a step counter (e.g. loaded from a CPU checkpoint) to the kernel's device."""
-    return step if step.device == device else step.to(device)

@@ -13,51 +13,8 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from bertopt.optim import _native
-
-try:  # DTensor (FSDP2 / tensor parallel): a local norm is not the norm of the whole tensor
-    from torch.distributed.tensor import DTensor, Partial, Replicate
-except ImportError:  # pragma: no cover - torch built without distributed
-    DTensor = ()  # type: ignore[assignment,misc]
-
-
-def local_part(t: Tensor) -> Tensor:
-    """The part of ``t`` this process holds: its shard for a DTensor, else ``t`` itself.
-
-    In-place operations on the result change ``t`` (``to_local`` is a view under no_grad).
-    """
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def whole_sums_of_squares(local_sums: Tensor, tensors: list[Tensor]) -> Tensor:
-    """Turn per-tensor sums of squares of local shards into those of the whole tensors.
-
-    ``local_sums[i]`` is the sum of squares of ``local_part(tensors[i])``. Entries of
-    DTensors are summed over the mesh dimensions the tensor is sharded on (replicated
-    dimensions already hold the whole), with one all-reduce per distinct
-    (mesh, placements); plain tensors are returned as they are. Every process must call
-    this with the same list of tensors, in the same order.
-    """
-    by_layout: dict[tuple, list[int]] = {}
-    for i, t in enumerate(tensors):
-        if isinstance(t, DTensor):
-            by_layout.setdefault((t.device_mesh, tuple(t.placements)), []).append(i)
-    if not by_layout:
-        return local_sums
-    out = local_sums.clone()
-    for (mesh, placements), indices in by_layout.items():
-        if any(p.is_partial() for p in placements):
-            raise ValueError(
-                f"cannot take the norm of a DTensor with Partial placements {placements}; "
-                "redistribute it to Shard/Replicate first"
-            )
-        # The local sums of a sharded dimension add up to the whole: reduce them as Partial.
-        as_partial = [Partial() if p.is_shard() else Replicate() for p in placements]
-        index = torch.tensor(indices, device=local_sums.device)
-        local = local_sums.index_select(0, index).to(mesh.device_type)
-        summed = DTensor.from_local(local, mesh, as_partial, run_check=False).full_tensor()
-        out.index_copy_(0, index, summed.to(out.device))
-    return out
+from bertopt.optim._dtensor import DTensor, local_part, whole_sums_of_squares
+from bertopt.optim.native import build, kernels
 
 
 def global_grad_norm(grads: list[Tensor]) -> Tensor:
@@ -75,9 +32,9 @@ def global_grad_norm(grads: list[Tensor]) -> Tensor:
         by_device[g.device].append(g)
     per_device = []
     for device_grads in by_device.values():
-        if _native.eligible(device_grads) and (lib := _native.library()) is not None:
-            # float32 CPU: one multithreaded read of the gradients, squares summed in double.
-            per_device.append(torch.tensor(math.sqrt(_native.sum_of_squares(lib, device_grads)), dtype=torch.float32))
+        if kernels.eligible(device_grads) and (lib := build.library()) is not None:
+            # float32 CPU: one multithreaded read of the gradients at memory speed (csrc/norm.c).
+            per_device.append(torch.tensor(math.sqrt(kernels.sum_of_squares(lib, device_grads)), dtype=torch.float32))
             continue
         # Norms of the local shards; DTensors (any mix of meshes, or with plain
         # tensors) are then made whole by summing their squares across the mesh.

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from bertopt.optim import _lamb
-from bertopt.optim._impl import AdamHyper
+from bertopt.optim._adam import AdamHyper
 from bertopt.optim.base import GlobalClipOptimizer
 
 
@@ -66,11 +66,12 @@ class Lamb(GlobalClipOptimizer):
 
     After each ``step()``, ``last_grad_norm`` holds the global gradient norm (before
     clipping). A step whose gradients contain inf or nan is skipped entirely (no
-    parameter, moment or step count changes) and counted in ``skipped_steps``. The
-    fused path overwrites ``.grad``: on float32 CPU tensors it leaves the update u there
-    (as apex's FusedLAMB does) and allocates nothing; elsewhere it leaves the clipped
-    gradient and keeps one reused workspace of up to 16M elements (or the largest
-    tensor) per device and dtype. The reference and foreach paths leave ``.grad`` alone.
+    parameter, moment or step count changes) and counted in ``skipped_steps``.
+    ``.grad`` is never written: after ``step()`` it holds what backward left there, on
+    every implementation (the clip is folded into the update). The fused path on
+    float32 CPU tensors allocates nothing; elsewhere it keeps one reused workspace of up
+    to 16M elements (or the largest tensor) per device and dtype, and makes no host
+    synchronisation (see BertAdam).
     """
 
     default_max_grad_norm = 1.0
@@ -123,11 +124,12 @@ class Lamb(GlobalClipOptimizer):
                 group["trust_clip"] = tuple(group["trust_clip"])
 
     def _new_step(self, p: Tensor, impl: str) -> Tensor:
-        # The step lives on the CPU (no device sync to read it); the fused path hands the
-        # kernel a device copy.
-        return torch.zeros((), dtype=torch.float32)
+        # The fused kernels want the step on the parameter's device (a skipped step is
+        # then undone there, without a host read); the others on CPU.
+        return torch.zeros((), dtype=torch.float32, device=p.device if impl == "fused" else "cpu")
 
-    def _update(self, group, impl, tensors, clip_coef) -> None:
+    def _update(self, group, impl, tensors, clip_coef, found_inf=None) -> None:
+        tensors = self._steps_for(impl, tensors)
         beta1, beta2 = group["betas"]
         hyper = _lamb.LambHyper(
             adam=AdamHyper(
@@ -137,4 +139,4 @@ class Lamb(GlobalClipOptimizer):
             adapt=group["weight_decay"] != 0 or group["always_adapt"],
             trust_clip=group["trust_clip"],
         )
-        _lamb.lamb(*tensors, hyper, clip_coef, impl, self._workspaces)
+        _lamb.lamb(*tensors, hyper, clip_coef, impl, self._workspaces, found_inf)

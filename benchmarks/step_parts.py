@@ -1,0 +1,75 @@
+"""Where BertAdam's native step spends its time: the norm pass and the update pass, each
+against its own byte floor at the in-place add's bandwidth, interleaved in one run.
+
+    python benchmarks/step_parts.py --size bert-base --reps 15 --threads 2 --out FILE.json
+
+norm pass: reads g (4 bytes/param); update pass: reads p, g, m, v, writes p, m, v (28);
+the whole step (32) as `bertopt bench` times it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from bertopt.bench import harness
+from bertopt.bench.methods import FAST_PATH, METHODS
+from bertopt.optim import _adam
+from bertopt.optim.native import build, kernels
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="bert-base")
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    lib = build.library()
+    if lib is None:
+        raise SystemExit(build.status())
+    t = harness.make_tensors(args.size)
+    grads = [p.grad for p in t.params]
+    data = [p.detach() for p in t.params]
+    h = _adam.AdamHyper(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, bias_correction=False,
+                        decoupled=True)
+    steps = {
+        "probe": harness.inplace_add_probe(t.count),
+        "norm-pass": lambda: kernels.sum_of_squares(lib, grads),
+        "update-pass": lambda: kernels.adam_step(lib, data, grads, *t.moments, None, h, 0.5),
+        "step": METHODS[FAST_PATH].build(t.params, t.names, t.moments),
+    }
+    for s in steps.values():
+        s()
+    monitor = harness.LoadMonitor()
+    times = harness.interleaved_times(steps, {n: args.reps for n in steps})
+    load = monitor.stop()
+    probe = times["probe"]
+    bytes_per_param = {"norm-pass": 4, "update-pass": 28, "step": 32}
+    summary = {"probe_GBps": 12 * t.count / statistics.median(probe) / 1e9}
+    for name, b in bytes_per_param.items():
+        summary[name] = {
+            "median_ms": statistics.median(times[name]) * 1e3,
+            "floor_ms": statistics.median(probe) * b / 12 * 1e3,
+            "x_floor_paired": statistics.median(x / (p * b / 12) for x, p in zip(times[name], probe)),
+        }
+        print(f"{name:<12} {summary[name]['median_ms']:8.1f} ms, floor {summary[name]['floor_ms']:7.1f} ms, "
+              f"x floor (paired) {summary[name]['x_floor_paired']:.3f}")
+    print(f"in-place add {summary['probe_GBps']:.1f} GB/s; load: {load}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({
+            "command": "python benchmarks/step_parts.py " + " ".join(argv or []), "size": args.size,
+            "threads": args.threads, "reps": args.reps, "load": load, "summary": summary, "times_s": times},
+            indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(main(sys.argv[1:]))
