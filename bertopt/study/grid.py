@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from bertopt.study.variants import Variant
+from bertopt.train.report import finished_summary
 
 
 @dataclass(frozen=True)
@@ -64,16 +65,6 @@ def _read_curves(metrics_path: Path) -> tuple[list[tuple[int, float]], list[tupl
     return curve, lrs
 
 
-def _finished(out_dir: Path) -> dict | None:
-    path = out_dir / "summary.json"
-    if not path.exists():
-        return None
-    summary = json.loads(path.read_text())
-    if summary.get("steps_completed") != summary.get("total_steps") or summary.get("stopped_by"):
-        return None
-    return summary
-
-
 def build_config(spec: TaskSpec, variant: Variant, seed: int, out_dir: Path):
     """The PretrainConfig / FinetuneConfig of one study run."""
     import dataclasses
@@ -92,7 +83,7 @@ def run_one(spec: TaskSpec, variant: Variant, seed: int, out_dir: Path, *, log: 
     """One training run (or its finished result from an earlier study run)."""
     from bertopt.train import command, finetune, pretrain
 
-    summary = _finished(out_dir)
+    summary = finished_summary(out_dir)
     seconds = 0.0
     if summary is None:
         config = build_config(spec, variant, seed, out_dir)
@@ -105,7 +96,7 @@ def run_one(spec: TaskSpec, variant: Variant, seed: int, out_dir: Path, *, log: 
         if code != 0:
             raise RuntimeError(f"study run {spec.name}/{variant.name}/seed{seed} failed (exit {code}):\n"
                                f"{config}\n{captured.getvalue()[-2000:]}{errors.getvalue()[-2000:]}")
-        summary = _finished(out_dir)
+        summary = finished_summary(out_dir)
         if summary is None:
             raise RuntimeError(f"study run {spec.name}/{variant.name}/seed{seed} wrote no complete summary in {out_dir}")
         log(f"  {spec.name:<9} {variant.name:<10} seed {seed}: "

@@ -14,7 +14,6 @@ count, run info and how to export the model.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import time
@@ -77,9 +76,10 @@ def prepare_out_dir(out: Path, run: RunConfig) -> None:
     """Refuse to silently replace an unfinished run; clear a finished one for a fresh start; check
     that ``out`` is writable. Nothing to do when resuming."""
     from bertopt.train.checkpoint import latest_checkpoint
+    from bertopt.train.report import finished_summary
 
     if run.resume is None and (latest := latest_checkpoint(out / "checkpoints")) is not None:
-        if not _finished(out) and not run.overwrite:
+        if finished_summary(out) is None and not run.overwrite:
             total = latest.meta.get("run", {}).get("steps", latest.meta.get("run", {}).get("total_steps", "?"))
             raise UsageError(
                 f"{out} holds an unfinished run (last checkpoint at step {latest.step} of {total}). "
@@ -90,14 +90,6 @@ def prepare_out_dir(out: Path, run: RunConfig) -> None:
         for name in ("metrics.jsonl", "summary.json", *PLOTS):
             (out / name).unlink(missing_ok=True)
     ensure_writable_dir(out, "--out")
-
-
-def _finished(out: Path) -> bool:
-    try:
-        summary = json.loads((out / "summary.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return summary.get("steps_completed") == summary.get("total_steps") and not summary.get("stopped_by")
 
 
 def ensure_writable_dir(path: Path, flag: str) -> None:

@@ -403,10 +403,12 @@ def log_and_evaluate(run: Training, state: LoopState, stats: dict[str, Any], met
     state.window, state.window_start = Window(), time.perf_counter()
 
 
-def evaluate(run: Training) -> dict[str, float]:
+def evaluate(run: Training, measure: Callable | None = None) -> dict[str, float]:
+    """``measure(model)`` (default: the task's evaluate) in eval mode, without gradients, under the
+    run's autocast; the model is back in training mode afterwards."""
     run.model.eval()
     with torch.no_grad(), run.amp.autocast():
-        results = {k: float(v) for k, v in run.task.evaluate(run.model).items()}
+        results = {k: float(v) for k, v in (measure or run.task.evaluate)(run.model).items()}
     run.model.train()
     return results
 
@@ -447,12 +449,7 @@ _TRAIN_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "train_time_s"
 def finish_run(run: Training, state: LoopState, finish: Callable | None, wall_start: float) -> LoopResult:
     """``finish(model)`` fields (unless a signal stopped the run), then summary.json and the plots."""
     config, out_dir = run.config, Path(run.config.out_dir)
-    final_fields: dict[str, Any] = {}
-    if finish is not None and state.stopped_by is None:
-        run.model.eval()
-        with torch.no_grad(), run.amp.autocast():
-            final_fields = dict(finish(run.model))
-        run.model.train()
+    final_fields = evaluate(run, finish) if finish is not None and state.stopped_by is None else {}
     summary: dict[str, Any] = {}
     plots: list[Path] = []
     if run.ctx.is_main:

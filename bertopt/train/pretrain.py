@@ -14,7 +14,6 @@ bertopt pretrain ...`` (DDP; ``--fsdp`` for FSDP2); ``--batch-size`` is the glob
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -153,14 +152,10 @@ def _rows(masked, lo: int, hi: int):
 
 def finished_run_model(run_dir: Path) -> Path:
     """The model directory of a finished ``bertopt pretrain`` run, or UsageError saying what is off."""
-    summary_file, model_dir = run_dir / "summary.json", run_dir / "model"
-    try:
-        summary = json.loads(summary_file.read_text())
-    except (OSError, ValueError):
-        summary = None
-    finished = bool(summary) and summary.get("steps_completed") == summary.get("total_steps") \
-        and not summary.get("stopped_by") and (model_dir / "config.json").is_file()
-    if not finished:
+    from bertopt.train.report import finished_summary
+
+    model_dir = run_dir / "model"
+    if finished_summary(run_dir) is None or not (model_dir / "config.json").is_file():
         raise UsageError(
             f"--init-from {run_dir}: not a finished `bertopt pretrain` run (expected summary.json with all steps "
             "completed and model/config.json). Give the --out directory of a pretraining run that finished, or "

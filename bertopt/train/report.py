@@ -91,6 +91,18 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
+def finished_summary(out_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``summary.json`` of a run in ``out_dir`` that completed all its steps (not stopped by a
+    signal), or None: no summary, an unreadable one, or an unfinished run."""
+    try:
+        summary = json.loads((Path(out_dir) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if summary.get("steps_completed") != summary.get("total_steps") or summary.get("stopped_by"):
+        return None
+    return summary
+
+
 def write_summary(path: str | os.PathLike, summary: dict[str, Any]) -> Path:
     """Write ``summary`` as indented JSON, atomically."""
     path = Path(path)
