@@ -36,32 +36,51 @@ def test_analytic_bias_correction_ratio():
 
 
 def test_each_variant_changes_one_thing_from_the_recipe():
-    base = BY_NAME["bert"]
-    for v in VARIANTS:
-        assert v.optim(1e-3).lr == 1e-3 * v.lr_multiplier
-        assert v.batch_and_steps(32, 100)[1] == 100 // v.batch_multiplier
-    assert BY_NAME["adamw"].optim(1e-3).bias_correction is True
-    assert base.optim(1e-3).bias_correction is None  # the optimizer's own: off for BertAdam
-    assert BY_NAME["adam_l2"].optim(1e-3).weight_decay_mode == "l2"
+    base = BY_NAME["bert"].optim(1e-3)
+    assert (base.lr, base.bias_correction, base.weight_decay, base.weight_decay_mode) == (1e-3, None, 0.01, "decoupled")
+    changed = {name: {k for k, v in vars(BY_NAME[name].optim(1e-3)).items() if v != getattr(base, k)} for name in BY_NAME}
+    assert changed == {"bert": set(), "adamw": {"bias_correction"}, "adam": {"bias_correction", "weight_decay"},
+                       "lamb": {"optimizer"}, "adam_l2": {"weight_decay_mode"}, "bert_wd0.1": {"weight_decay"},
+                       "adam_l2_wd0.1": {"weight_decay_mode", "weight_decay"}}
 
 
-@pytest.mark.slow
-def test_lr_sweep_picks_the_best_multiplier_from_its_runs(tmp_path):
-    from bertopt.study import lr_sweep
+def test_t_interval_for_ten_and_twenty_seeds():
+    ten = paired_difference({k: float(k % 2) for k in range(10)}, {k: 0.0 for k in range(10)})
+    assert ten.ci_high - ten.mean == pytest.approx(2.262 * statistics.stdev([k % 2 for k in range(10)]) / math.sqrt(10))
+    twenty = paired_difference({k: float(k % 2) for k in range(20)}, {k: 0.0 for k in range(20)})
+    assert twenty.ci_high - twenty.mean == pytest.approx(2.093 * statistics.stdev([k % 2 for k in range(20)]) / math.sqrt(20))
 
-    report = lr_sweep.sweep(tmp_path, seed=7, multipliers=[1.0, 10.0], tasks=("pretrain",), optimizer="lamb",
-                            quick=True, log=lambda line: None)
-    assert json.loads((tmp_path / "lr-sweep-lamb-pretrain.json").read_text()) == report
-    base, big = report["sweeps"]
-    assert (base["batch_multiplier"], big["batch_multiplier"]) == (1, 4)
-    assert [r["multiplier"] for r in base["runs"]] == [1.0, 10.0]
-    assert [r["multiplier"] for r in big["runs"]] == [2.0, 20.0]  # 2x the LR at 4x batch, as bert_4x
-    for sweep in (base, big):
-        for run in sweep["runs"]:  # the numbers are those of the runs on disk
-            name = f"lamb{'_4x' if sweep['batch_multiplier'] == 4 else ''}_lrx{run['multiplier']:g}"
-            summary = json.loads((tmp_path / "runs" / "pretrain" / name / "seed7" / "summary.json").read_text())
-            assert summary["eval_loss"] == run["eval_loss"] and summary["run"]["lr"] == pytest.approx(run["lr"])
-        assert sweep["best_multiplier"] == min(sweep["runs"], key=lambda r: r["eval_loss"])["multiplier"]
+
+def test_band_verdict_places_the_interval_against_half_a_point():
+    from bertopt.study.report import band_verdict
+    from bertopt.study.stats import PairedDifference
+
+    assert band_verdict(PairedDifference(10, 0.001, 0.003, -0.002, 0.004), 0.005).startswith("inside")
+    assert band_verdict(PairedDifference(10, 0.02, 0.01, 0.012, 0.028), 0.005).startswith("outside")
+    assert band_verdict(PairedDifference(10, -0.02, 0.01, -0.028, -0.012), 0.005).startswith("outside")
+    assert band_verdict(PairedDifference(10, 0.004, 0.01, -0.003, 0.011), 0.005).startswith("neither")
+
+
+def test_run_lock_is_exclusive_and_taken_over_from_a_dead_process(tmp_path):
+    import subprocess
+    import sys
+
+    from bertopt.study.grid import _Lock
+
+    first, second = _Lock(tmp_path / "seed0"), _Lock(tmp_path / "seed0")
+    assert first.acquire()
+    # the same file held by another live process: not ours to take
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        first.path.write_text(str(holder.pid))
+        assert not second.acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert second.acquire()  # its holder died: taken over
+    assert first.path.read_text() == str(__import__("os").getpid())
+    second.release()
+    assert not first.path.exists()
 
 
 def _table_rows(report: str, heading: str) -> dict[str, list[str]]:
@@ -80,32 +99,78 @@ def _table_rows(report: str, heading: str) -> dict[str, list[str]]:
 @pytest.mark.slow
 def test_quick_study_report_comes_from_its_runs(tmp_path):
     from bertopt.cli import main
+    from bertopt.study.command import task_specs
 
     out = tmp_path / "study"
-    assert main(["study", "--quick", "--out", str(out)]) == 0
+    claims_path = tmp_path / "claims.json"
+    assert main(["study", "--quick", "--out", str(out), "--claims-json", str(claims_path)]) == 0
     report = (out / "report.md").read_text()
-    n_runs = sum(1 for _ in (out / "runs").glob("*/*/seed*"))
-    assert re.search(rf"\b{n_runs} runs taking [\d.]+ min of training", report)
-    for heading in ("## MLM pretraining (quick)", "## Fine-tuning MiniLM on Rotten Tomatoes (quick)",
-                    "## Early steps: bias correction under warmup", "## Claims"):
-        assert heading in report
-    for png in ("curves-pretrain.png", "curves-finetune.png", "early-steps.png"):
+    specs = {s.key: s for s in task_specs(quick=True)}
+    n_runs = sum(1 for _ in out.glob("*/*/*/seed*"))
+    assert re.search(rf"\b{n_runs} runs \(8 of them LR sweeps\) taking [\d.]+ min of training", report)
+    for spec in specs.values():
+        assert f"## {spec.title}" in report
+    for png in ("curves-finetune.png", "curves-few_sample.png", "curves-large_batch.png", "curves-decay.png",
+                "early-steps.png", "differences.png", "few-sample.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in report
 
-    # the results table: every variant, and its mean ± std recomputed from summary.json files
-    for task, heading, key in (("pretrain", "## MLM pretraining (quick)", "eval_loss"),
-                               ("finetune", "## Fine-tuning MiniLM on Rotten Tomatoes (quick)", "test_accuracy")):
-        rows = _table_rows(report, heading)
-        run_dirs = sorted((out / "runs" / task).iterdir())
-        assert {d.name for d in run_dirs} == set(rows)
-        for variant_dir in run_dirs:
-            values = [json.loads((seed_dir / "summary.json").read_text())[key] for seed_dir in sorted(variant_dir.iterdir())]
-            assert len(values) == 2
-            mean, std = statistics.fmean(values), statistics.stdev(values)
-            assert rows[variant_dir.name][0] == f"{mean:.4f} ± {std:.4f}"
+    def summaries(part, variant):
+        return [json.loads((d / "summary.json").read_text()) for d in sorted((out / "runs" / part / variant).glob("seed*"))]
 
-    # the claims table names a verdict for each claim it could test
-    claims = [line for line in report.split("## Claims", 1)[1].splitlines() if re.match(r"\| \d \|", line)]
-    assert len(claims) >= 8
-    assert all(re.search(r"(variant better|baseline better|not distinguishable) \|$", line) for line in claims)
+    # each results table: every variant, its mean ± std recomputed from the summary.json files
+    for spec in specs.values():
+        rows = _table_rows(report.split(f"## {spec.title}", 1)[1], "| variant | lr | seeds |")
+        assert set(rows) == set(spec.variants) == {d.name for d in (out / "runs" / spec.key).iterdir()}
+        key = spec.metrics[0].key
+        for variant in spec.variants:
+            values = [s[key] for s in summaries(spec.key, variant)]
+            assert len(values) == spec.seeds
+            assert rows[variant][2] == f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+    claims = json.loads(claims_path.read_text())
+    # the sweep's choice is the best dev metric among its runs on disk; the variants used that LR
+    for sweep in claims["sweeps"]:
+        spec = specs[sweep["task"]]
+        metric = spec.sweep_metric
+        for run in sweep["runs"]:
+            summary = json.loads((out / "sweeps" / spec.key / f"{sweep['variant']}_lr{run['lr']:g}" / "seed100"
+                                  / "summary.json").read_text())
+            assert summary[metric.key] == run[metric.key] and summary["run"]["lr"] == run["lr"]
+        best = (max if metric.higher_is_better else min)(sweep["runs"], key=lambda r: r[metric.key])
+        assert sweep["chosen_lr"] == best["lr"]
+        users = [sweep["variant"]] + [v for v, src in spec.lr_from.items() if src == sweep["variant"]]
+        assert {s["run"]["lr"] for v in users for s in summaries(spec.key, v)} == {best["lr"]}
+
+    # the claims JSON has the issue's shape, and its numbers are the runs'
+    assert {c["task"] for c in claims["comparisons"]} == {"finetune", "few_sample", "large_batch", "decay"}
+    for c in claims["comparisons"]:
+        assert {"claim", "task", "variant", "baseline", "metric", "seeds", "mean_diff", "ci95", "verdict"} <= set(c)
+        diffs = [a[c["metric"]] - b[c["metric"]] for a, b in zip(summaries(c["task"], c["variant"]),
+                                                                 summaries(c["task"], c["baseline"]))]
+        assert c["seeds"] == len(diffs) and c["mean_diff"] == pytest.approx(statistics.fmean(diffs))
+        assert c["ci95"][0] <= c["mean_diff"] <= c["ci95"][1]
+        assert re.match(r"(variant better|baseline better|not distinguishable)", c["verdict"])
+        if c["task"] in ("finetune", "few_sample"):
+            assert re.search(r"; (inside|outside|neither)", c["verdict"])
+    for arm in claims["few_sample"]:
+        runs = summaries("few_sample", arm["arm"])
+        failed = sum(s["dev_accuracy"] <= s["run"]["majority_accuracy"]["dev"] for s in runs)
+        assert (arm["runs"], arm["failed_runs"], arm["train_examples"]) == (len(runs), failed, 16)
+        assert arm["mean_dev_accuracy"] == pytest.approx(statistics.fmean(s["dev_accuracy"] for s in runs))
+        assert arm["failure_rule"]
+    assert {(row["variant"], row["batch_size"], row["seeds"]) for row in claims["large_batch"]} == {
+        ("bert", 32, 2), ("lamb", 32, 2)}
+    for row in claims["large_batch"]:
+        assert row["heldout_loss_mean"] == pytest.approx(
+            statistics.fmean(s["eval_loss"] for s in summaries("large_batch", row["variant"])))
+        assert all(s["run"]["grad_accum_steps"] == 4 for s in summaries("large_batch", row["variant"]))
+
+    # the claims table names a verdict for each comparison
+    table = [line for line in report.split("## Claims", 1)[1].splitlines() if re.match(r"\| \d \|", line)]
+    assert len(table) == len(claims["comparisons"]) == 6
+
+    # a second invocation reuses every finished run and writes the same numbers
+    assert main(["study", "--quick", "--out", str(out), "--claims-json", str(claims_path)]) == 0
+    again = json.loads(claims_path.read_text())
+    assert again["comparisons"] == claims["comparisons"] and again["few_sample"] == claims["few_sample"]

@@ -13,7 +13,9 @@ import statistics
 from dataclasses import dataclass
 
 # two-sided 95% quantiles of Student's t for n-1 degrees of freedom (n = number of seeds)
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 24: 2.064, 29: 2.045, 39: 2.023}
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,11 @@ class PairedDifference:
         return f"{self.mean:+.4f} ± {self.std:.4f} [{self.ci_low:+.4f}, {self.ci_high:+.4f}]"
 
 
+def _t95(df: int) -> float:
+    """Student's t quantile from the table; between entries, the next smaller df's (a wider interval)."""
+    return _T95[max(k for k in _T95 if k <= df)] if df <= 39 else 1.96 + 2.4 / df
+
+
 def summarize(values: list[float]) -> Summary:
     if not values:
         raise ValueError("no values to summarize")
@@ -58,5 +65,5 @@ def paired_difference(variant: dict[int, float], baseline: dict[int, float]) -> 
         raise ValueError("no seed in common between variant and baseline")
     diffs = [variant[s] - baseline[s] for s in seeds]
     s = summarize(diffs)
-    half = _T95.get(s.n - 1, 1.96) * s.std / math.sqrt(s.n) if s.n > 1 else math.inf
+    half = _t95(s.n - 1) * s.std / math.sqrt(s.n) if s.n > 1 else math.inf
     return PairedDifference(s.n, s.mean, s.std, s.mean - half, s.mean + half)

@@ -265,7 +265,8 @@ def build_job(config: FinetuneConfig, ctx, log):
     truncated = sum(1 for n in encoded["train"].lengths if n >= config.max_seq_length)
     run_info = {
         "command": "finetune", "model": source.description, "model_path": str(source.path),
-        "data": splits.source, "split_sizes": splits.sizes(), "dropped_rows": splits.dropped,
+        "data": splits.source, "split_sizes": splits.sizes(),
+        "majority_accuracy": splits.majority_accuracy(), "dropped_rows": splits.dropped,
         "label_names": splits.label_names, "max_seq_length": config.max_seq_length,
         "train_rows_truncated": truncated, **optim.settings(), "batch_size": run.batch_size, "seed": run.seed,
         "grad_accum_steps": run.grad_accum_steps, "precision": run.precision,

@@ -19,6 +19,7 @@ import importlib.util
 import io
 import json
 import random
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,11 @@ class LabelledSplits:
 
     def sizes(self) -> dict[str, int]:
         return {name: len(getattr(self, name)) for name in SPLITS}
+
+    def majority_accuracy(self) -> dict[str, float]:
+        """Per split, the accuracy of always predicting the most frequent label (a floor to beat)."""
+        return {name: max(Counter(ex.label for ex in rows).values()) / len(rows)
+                for name in SPLITS if (rows := getattr(self, name))}
 
     @property
     def label_to_id(self) -> dict[str, int]:
