@@ -174,3 +174,34 @@ def test_quick_study_report_comes_from_its_runs(tmp_path):
     assert main(["study", "--quick", "--out", str(out), "--claims-json", str(claims_path)]) == 0
     again = json.loads(claims_path.read_text())
     assert again["comparisons"] == claims["comparisons"] and again["few_sample"] == claims["few_sample"]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_study_and_the_same_command_finishes_it(tmp_path):
+    """SIGTERM mid-study: exit 143 with a message saying how to continue (not 'a bug'), no lock
+    left behind; the same command then finishes every run and reuses those already finished."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "study"
+    argv = [sys.executable, "-m", "bertopt", "study", "--quick", "--parts", "decay", "--out", str(out), "--no-report"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = out / "runs" / "decay" / "bert" / "seed0" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "stopped by SIGTERM" in err and "run the same command again" in err and "bug" not in err
+    assert not list(out.rglob("*.lock"))
+    finished_before = {p.parent for p in out.rglob("summary.json")}
+
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    runs = sorted((out / "runs" / "decay").glob("*/seed*"))
+    assert len(runs) == 8 and all(json.loads((r / "summary.json").read_text())["steps_completed"] == 12 for r in runs)
+    for line in done.stdout.splitlines():  # a run finished before the stop was not trained again
+        assert not any(f"decay/{d.parent.name}/{d.name} " in line for d in finished_before if d.parent.parent.name == "decay")

@@ -89,6 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bertopt.errors import EXIT_SIGINT, Terminated, exit_code
     from bertopt.study import early_steps
     from bertopt.study.grid import run_grid
     from bertopt.study.report import write_report
@@ -106,7 +107,14 @@ def run(args: argparse.Namespace) -> int:
         specs = [dataclasses.replace(s, variants=tuple(v for v in s.variants if v in args.variants)) for s in specs]
     seeds = {s.key: list(range(args.first_seed, args.first_seed + (args.seeds or s.seeds))) for s in specs}
     start = time.perf_counter()
-    records, sweeps = run_grid(specs, BY_NAME, seeds, out)
+    try:
+        records, sweeps = run_grid(specs, BY_NAME, seeds, out)
+    except (KeyboardInterrupt, Terminated) as exc:
+        code = exit_code(exc)
+        print(f"bertopt study: stopped by {'Ctrl-C' if code == EXIT_SIGINT else 'SIGTERM'}; the finished runs in {out} "
+              "are kept (an interrupted one starts again): run the same command again to continue.",
+              file=sys.stderr, flush=True)
+        return code
     if args.no_report:
         return 0
     early = early_steps.measure_cached(out / "early-steps.json", **(

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from bertopt.errors import EXIT_SIGINT, EXIT_SIGTERM, Terminated
 from bertopt.study.variants import Variant
 from bertopt.train.report import finished_summary
 
@@ -156,6 +157,8 @@ def _train(spec: TaskSpec, config, out_dir: Path, name: str) -> float:
     captured, errors = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(errors):
         code = command.run(spec.command, config, build_job)
+    if code in (EXIT_SIGINT, EXIT_SIGTERM):  # the run saved a checkpoint and stopped: so does the study
+        raise KeyboardInterrupt if code == EXIT_SIGINT else Terminated
     if code != 0:
         raise RuntimeError(f"study run {name} failed (exit {code}):\n{config}\n"
                            f"{captured.getvalue()[-2000:]}{errors.getvalue()[-2000:]}")
