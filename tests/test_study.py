@@ -61,26 +61,29 @@ def test_band_verdict_places_the_interval_against_half_a_point():
     assert band_verdict(PairedDifference(10, 0.004, 0.01, -0.003, 0.011), 0.005).startswith("neither")
 
 
-def test_run_lock_is_exclusive_and_taken_over_from_a_dead_process(tmp_path):
+def test_run_lock_is_exclusive_between_processes_and_dropped_when_its_holder_dies(tmp_path):
     import subprocess
     import sys
 
     from bertopt.study.grid import _Lock
 
-    first, second = _Lock(tmp_path / "seed0"), _Lock(tmp_path / "seed0")
-    assert first.acquire()
-    # the same file held by another live process: not ours to take
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    mine = _Lock(tmp_path / "seed0")
+    assert mine.acquire()
+    assert not _Lock(tmp_path / "seed0").acquire()  # a second holder, even in this process: no
+    mine.release()
+    # another process holds it: not ours to take; once that process is killed, it is free
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"), str(mine.path)],
+        stdout=subprocess.PIPE, text=True)
     try:
-        first.path.write_text(str(holder.pid))
-        assert not second.acquire()
+        assert holder.stdout.readline().strip() == "locked"
+        assert not _Lock(tmp_path / "seed0").acquire()
     finally:
         holder.kill()
         holder.wait()
-    assert second.acquire()  # its holder died: taken over
-    assert first.path.read_text() == str(__import__("os").getpid())
-    second.release()
-    assert not first.path.exists()
+    assert mine.acquire()
+    mine.release()
 
 
 def _table_rows(report: str, heading: str) -> dict[str, list[str]]:
@@ -97,7 +100,7 @@ def _table_rows(report: str, heading: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
-def test_quick_study_report_comes_from_its_runs(tmp_path):
+def test_quick_study_report_comes_from_its_runs(tmp_path, capsys):
     from bertopt.cli import main
     from bertopt.study.command import task_specs
 
@@ -106,7 +109,7 @@ def test_quick_study_report_comes_from_its_runs(tmp_path):
     assert main(["study", "--quick", "--out", str(out), "--claims-json", str(claims_path)]) == 0
     report = (out / "report.md").read_text()
     specs = {s.key: s for s in task_specs(quick=True)}
-    n_runs = sum(1 for _ in out.glob("*/*/*/seed*"))
+    n_runs = sum(1 for d in out.glob("*/*/*/seed*") if d.is_dir())
     assert re.search(rf"\b{n_runs} runs \(8 of them LR sweeps\) taking [\d.]+ min of training", report)
     for spec in specs.values():
         assert f"## {spec.title}" in report
@@ -115,8 +118,9 @@ def test_quick_study_report_comes_from_its_runs(tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in report
 
-    def summaries(part, variant):
-        return [json.loads((d / "summary.json").read_text()) for d in sorted((out / "runs" / part / variant).glob("seed*"))]
+    def summaries(part, variant):  # in seed order
+        dirs = sorted((out / "runs" / part / variant).glob("seed*[0-9]"), key=lambda d: int(d.name[len("seed"):]))
+        return [json.loads((d / "summary.json").read_text()) for d in dirs]
 
     # each results table: every variant, its mean ± std recomputed from the summary.json files
     for spec in specs.values():
@@ -146,8 +150,9 @@ def test_quick_study_report_comes_from_its_runs(tmp_path):
     assert {c["task"] for c in claims["comparisons"]} == {"finetune", "few_sample", "large_batch", "decay"}
     for c in claims["comparisons"]:
         assert {"claim", "task", "variant", "baseline", "metric", "seeds", "mean_diff", "ci95", "verdict"} <= set(c)
-        diffs = [a[c["metric"]] - b[c["metric"]] for a, b in zip(summaries(c["task"], c["variant"]),
-                                                                 summaries(c["task"], c["baseline"]))]
+        pairs = list(zip(summaries(c["task"], c["variant"]), summaries(c["task"], c["baseline"])))
+        assert all(a["run"]["seed"] == b["run"]["seed"] for a, b in pairs)
+        diffs = [a[c["metric"]] - b[c["metric"]] for a, b in pairs]
         assert c["seeds"] == len(diffs) and c["mean_diff"] == pytest.approx(statistics.fmean(diffs))
         assert c["ci95"][0] <= c["mean_diff"] <= c["ci95"][1]
         assert re.match(r"(variant better|baseline better|not distinguishable)", c["verdict"])
@@ -175,6 +180,14 @@ def test_quick_study_report_comes_from_its_runs(tmp_path):
     again = json.loads(claims_path.read_text())
     assert again["comparisons"] == claims["comparisons"] and again["few_sample"] == claims["few_sample"]
 
+    # a finished run whose settings differ from what the study asks for is not silently reused
+    saved = out / "runs" / "decay" / "adam_l2" / "seed1" / "study-config.json"
+    edited = json.loads(saved.read_text())
+    edited["optim"]["weight_decay_mode"] = "decoupled"
+    saved.write_text(json.dumps(edited))
+    assert main(["study", "--quick", "--out", str(out), "--parts", "decay"]) == 2
+    assert "optim.weight_decay_mode" in capsys.readouterr().err
+
 
 @pytest.mark.slow
 def test_sigterm_stops_the_study_and_the_same_command_finishes_it(tmp_path):
@@ -196,12 +209,59 @@ def test_sigterm_stops_the_study_and_the_same_command_finishes_it(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert "stopped by SIGTERM" in err and "run the same command again" in err and "bug" not in err
-    assert not list(out.rglob("*.lock"))
+    from bertopt.study.grid import _Lock
+
+    for lock in out.rglob("*.lock"):  # none is still held
+        probe = _Lock(lock.with_suffix(""))
+        assert probe.acquire()
+        probe.release()
     finished_before = {p.parent for p in out.rglob("summary.json")}
 
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    runs = sorted((out / "runs" / "decay").glob("*/seed*"))
+    runs = sorted(d for d in (out / "runs" / "decay").glob("*/seed*") if d.is_dir())
     assert len(runs) == 8 and all(json.loads((r / "summary.json").read_text())["steps_completed"] == 12 for r in runs)
     for line in done.stdout.splitlines():  # a run finished before the stop was not trained again
         assert not any(f"decay/{d.parent.name}/{d.name} " in line for d in finished_before if d.parent.parent.name == "decay")
+
+
+def test_a_diverged_run_is_recorded_as_a_result_and_not_trained_again(tmp_path, monkeypatch):
+    import sys
+
+    from bertopt.study import grid
+    from bertopt.study.command import task_specs
+    from bertopt.study.report import RunRecord, is_failed, verdict
+    from bertopt.train import command
+
+    calls = []
+
+    def diverging_run(name, config, build_job):
+        calls.append(config.optim.lr)
+        print(f"bertopt {name}: error: the training loss is nan at step 3; this update was not applied", file=sys.stderr)
+        return 1
+
+    monkeypatch.setattr(command, "run", diverging_run)
+    spec = next(s for s in task_specs(quick=True) if s.key == "decay")
+    first = grid.run_one(spec, BY_NAME["bert"], 0, 1e-3, tmp_path / "bert" / "seed0", log=lambda line: None)
+    assert math.isnan(first.summary["eval_loss"]) and "nan at step 3" in first.summary["diverged"]
+    again = grid.run_one(spec, BY_NAME["bert"], 0, 1e-3, tmp_path / "bert" / "seed0", log=lambda line: None)
+    assert calls == [1e-3] and math.isnan(again.summary["eval_loss"])
+    # a diverged LR loses the sweep to any finite result, whichever way the metric points
+    for metric in (spec.metrics[0], spec.metrics[1]):
+        assert grid._goodness(math.nan, metric) < grid._goodness(1e9 if not metric.higher_is_better else -1e9, metric)
+    # it shows as NaN in the statistics and decides nothing
+    nan_diff = paired_difference({0: math.nan, 1: 1.0}, {0: 0.0, 1: 0.0})
+    assert verdict(nan_diff, higher_is_better=False).startswith("undecided")
+    # a diverged few-sample run is a failed run
+    run = RunRecord("few_sample", "bert", 0, 1e-3, {"dev_accuracy": math.nan, "run": {"majority_accuracy": {"dev": 0.58}}},
+                    [], [], 0.0)
+    assert is_failed(run)
+
+    # any other failure stops the study with what the run said (not as "a bug in bertopt")
+    def failing_run(name, config, build_job):
+        print(f"bertopt {name}: error: could not write the checkpoint", file=sys.stderr)
+        return 1
+
+    monkeypatch.setattr(command, "run", failing_run)
+    with pytest.raises(grid.StudyError, match="could not write the checkpoint"):
+        grid.run_one(spec, BY_NAME["bert"], 1, 1e-3, tmp_path / "bert" / "seed1", log=lambda line: None)

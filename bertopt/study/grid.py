@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from bertopt.errors import EXIT_SIGINT, EXIT_SIGTERM, Terminated
+from bertopt.errors import EXIT_SIGINT, EXIT_SIGTERM, Terminated, UsageError
 from bertopt.study.variants import Variant
 from bertopt.train.report import finished_summary
 
@@ -103,50 +103,91 @@ def build_config(spec: TaskSpec, variant: Variant, seed: int, lr: float, out_dir
     return config_class(optim=variant.optim(lr), run=run, **settings)
 
 
+class StudyError(RuntimeError):
+    """A study run failed in a way the study cannot record as a result (the message says which run and why)."""
+
+
+def _fingerprint(config) -> dict:
+    """The settings that make a run what it is (not where it is written or how it reports progress)."""
+    import dataclasses
+
+    data = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    for key in ("out", "progress", "overwrite", "resume"):
+        data["run"].pop(key, None)
+    return data
+
+
+# What summary.json records of a run's settings, checked when no study-config.json is there (runs
+# started by hand with the same flags, e.g. a sweep run split off to another machine).
+_SUMMARY_KEYS = ("optimizer", "lr", "weight_decay", "weight_decay_mode", "bias_correction", "max_grad_norm",
+                 "warmup_proportion", "schedule_style", "seed", "batch_size")
+
+
 def _check_reused(summary: dict, config, out_dir: Path) -> None:
-    """A finished run is reused only if it is the run asked for (a study edited since would mix settings)."""
-    ran = summary.get("run", {})
-    for key, wanted in (("lr", config.optim.lr), ("seed", config.run.seed), ("batch_size", config.run.batch_size),
-                        ("optimizer", config.optim.optimizer), ("weight_decay", config.optim.weight_decay)):
-        have = ran.get(key)
-        if have is not None and have != wanted and not (isinstance(have, float) and math.isclose(have, wanted)):
-            raise RuntimeError(f"{out_dir} holds a finished run with {key}={have!r}, but this study asks for "
-                               f"{wanted!r}: delete that directory (or use another --out) and run the study again")
+    """A finished run is reused only if it is the run asked for: a study edited since must not mix settings."""
+    saved = out_dir / "study-config.json"
+    if saved.exists():
+        have, want = _flat(json.loads(saved.read_text())), _flat(_fingerprint(config))
+        diff = sorted(k for k in set(have) | set(want) if not _same(have.get(k), want.get(k)))
+    else:
+        ran = summary.get("run", {})
+        wanted = {**config.optim.settings(), "seed": config.run.seed, "batch_size": config.run.batch_size}
+        if config.steps is not None:
+            wanted["total_steps"] = config.steps
+        diff = [k for k in (*_SUMMARY_KEYS, "total_steps") if k in wanted and not _same(ran.get(k), wanted[k])]
+    if diff:
+        raise UsageError(f"{out_dir} holds a finished run whose settings differ from what this study asks for "
+                         f"({', '.join(diff)}): delete that directory (or choose another --out) and run the study again")
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+def _same(a, b) -> bool:
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isclose(a, b))
 
 
 class _Lock:
-    """``<run dir>.lock`` holding the pid of the process training that run."""
+    """An exclusive ``flock`` on ``<run dir>.lock``, held while this process trains that run. The
+    kernel drops it when the process dies, so a killed study never leaves a run locked; the file
+    itself stays (unlinking it would let a second process lock a new file of the same name)."""
 
     def __init__(self, out_dir: Path):
         self.path = out_dir.with_name(out_dir.name + ".lock")
+        self._fd: int | None = None
 
     def acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if self._holder_alive():
-                    return False
-                self.path.unlink(missing_ok=True)  # left by a process that died
-                continue
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            return True
-        return False
+        import fcntl
 
-    def _holder_alive(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            pid = int(self.path.read_text() or "0")
-            os.kill(pid, 0)
-        except (ValueError, ProcessLookupError, FileNotFoundError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
             return False
-        except PermissionError:
-            return True
-        return pid != os.getpid()
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for a person looking
+        self._fd = fd
+        return True
 
     def release(self) -> None:
-        self.path.unlink(missing_ok=True)
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
+DIVERGED = "study-diverged.json"
+
+
+def _diverged_summary(out_dir: Path) -> dict | None:
+    """A run that stopped on a non-finite loss is a result (its metrics are NaN), not a failure to retry."""
+    path = out_dir / DIVERGED
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _train(spec: TaskSpec, config, out_dir: Path, name: str) -> float:
@@ -159,9 +200,14 @@ def _train(spec: TaskSpec, config, out_dir: Path, name: str) -> float:
         code = command.run(spec.command, config, build_job)
     if code in (EXIT_SIGINT, EXIT_SIGTERM):  # the run saved a checkpoint and stopped: so does the study
         raise KeyboardInterrupt if code == EXIT_SIGINT else Terminated
-    if code != 0:
-        raise RuntimeError(f"study run {name} failed (exit {code}):\n{config}\n"
-                           f"{captured.getvalue()[-2000:]}{errors.getvalue()[-2000:]}")
+    message = errors.getvalue().strip()
+    if code != 0 and ("non-finite" in message or "the training loss is" in message):
+        diverged = {"diverged": message[-1000:], "wall_time_s": time.perf_counter() - start,
+                    **{m.key: float("nan") for m in spec.metrics}, "run": {"lr": config.optim.lr, "seed": config.run.seed}}
+        (out_dir / DIVERGED).write_text(json.dumps(diverged, indent=1) + "\n")
+    elif code != 0:
+        raise StudyError(f"study run {name} failed (exit {code}): {message[-1500:] or captured.getvalue()[-1500:]}")
+    (out_dir / "study-config.json").write_text(json.dumps(_fingerprint(config), indent=1) + "\n")
     return time.perf_counter() - start
 
 
@@ -171,28 +217,34 @@ def run_one(spec: TaskSpec, variant: Variant, seed: int, lr: float, out_dir: Pat
     wait for it (``wait``) or return None."""
     name = f"{spec.key}/{out_dir.parent.name}/seed{seed}"
     config = build_config(spec, variant, seed, lr, out_dir)
-    seconds = 0.0
-    while (summary := finished_summary(out_dir)) is None:
+    seconds, waiting = 0.0, False
+    while (summary := finished_summary(out_dir) or _diverged_summary(out_dir)) is None:
         lock = _Lock(out_dir)
         if not lock.acquire():
             if not wait:
                 return None
+            if not waiting:
+                log(f"  {name}: waiting for the process that holds {lock.path.name} to finish it")
+                waiting = True
             time.sleep(5)
             continue
         try:
-            if finished_summary(out_dir) is None:  # not finished while we waited for the lock
+            if finished_summary(out_dir) is None and _diverged_summary(out_dir) is None:  # not done meanwhile
                 seconds = _train(spec, config, out_dir, name)
-                if finished_summary(out_dir) is None:
-                    raise RuntimeError(f"study run {name} wrote no complete summary in {out_dir}")
-                summary = finished_summary(out_dir)
+                summary = finished_summary(out_dir) or _diverged_summary(out_dir)
+                if summary is None:
+                    raise StudyError(f"study run {name} wrote no complete summary in {out_dir}")
                 log(f"  {name:<34} lr {lr:<8.3g} " + ", ".join(
-                    f"{m.key} {summary.get(m.key, float('nan')):.4f}" for m in spec.metrics) + f" ({seconds:.0f} s)")
+                    f"{m.key} {float(summary.get(m.key, float('nan'))):.4f}" for m in spec.metrics)
+                    + (" DIVERGED" if "diverged" in summary else "") + f" ({seconds:.0f} s)")
         finally:
             lock.release()
-    _check_reused(summary, config, out_dir)
+    if "diverged" not in summary:
+        _check_reused(summary, config, out_dir)
     if not seconds:  # a finished run from earlier: its own wall time
         seconds = float(summary.get("wall_time_s") or summary.get("wall_time_s_this_process") or 0.0)
-    curve, lr_curve = _read_curves(out_dir / "metrics.jsonl")
+    metrics = out_dir / "metrics.jsonl"
+    curve, lr_curve = _read_curves(metrics) if metrics.exists() else ([], [])
     return RunRecord(spec.key, variant.name, seed, lr, summary, curve, lr_curve, seconds, out_dir)
 
 
@@ -234,9 +286,14 @@ def run_sweep(spec: TaskSpec, variants: dict[str, Variant], out: Path, *, log: C
     results = []
     for name in spec.sweep:
         runs = [r for r in records if r.variant == name]
-        best = (max if metric.higher_is_better else min)(runs, key=lambda r: r.summary[metric.key])
+        best = max(runs, key=lambda r: _goodness(float(r.summary[metric.key]), metric))
         results.append(SweepResult(spec.key, name, metric, runs, best.lr))
     return results
+
+
+def _goodness(value: float, metric: Metric) -> tuple[bool, float]:
+    """Sort key, larger is better; a diverged run (NaN) is worse than any finite one."""
+    return (math.isfinite(value), value if metric.higher_is_better else -value)
 
 
 def lr_of(spec: TaskSpec, variant: str, sweeps: list[SweepResult]) -> float:

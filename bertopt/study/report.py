@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from collections import defaultdict
@@ -51,11 +52,14 @@ def _by(records: list[RunRecord]) -> dict[tuple[str, str], dict[int, RunRecord]]
 
 
 def _values(runs: dict[int, RunRecord], key: str) -> dict[int, float]:
-    return {seed: float(r.summary[key]) for seed, r in runs.items() if isinstance(r.summary.get(key), (int, float))}
+    """Per seed; a diverged run counts as NaN (shown, not averaged away)."""
+    return {seed: float(r.summary[key]) for seed, r in runs.items() if key in r.summary}
 
 
 def verdict(diff: PairedDifference, higher_is_better: bool) -> str:
     """'variant better' / 'baseline better' / 'not distinguishable' from the 95% interval."""
+    if math.isnan(diff.mean):
+        return "undecided: a run diverged"
     if not diff.distinguishable:
         return "not distinguishable"
     return "variant better" if (diff.mean > 0) == higher_is_better else "baseline better"
@@ -63,6 +67,8 @@ def verdict(diff: PairedDifference, higher_is_better: bool) -> str:
 
 def band_verdict(diff: PairedDifference, margin: float) -> str:
     """Where the 95% interval lies against the band +-margin."""
+    if math.isnan(diff.mean):
+        return "no interval (a run diverged)"
     if -margin <= diff.ci_low and diff.ci_high <= margin:
         return f"inside ±{margin / POINT:g} points"
     if diff.ci_low > margin or diff.ci_high < -margin:
@@ -72,8 +78,8 @@ def band_verdict(diff: PairedDifference, margin: float) -> str:
 
 def is_failed(run: RunRecord) -> bool:
     """The few-sample failure rule (:data:`FAILURE_RULE`)."""
-    majority = run.summary["run"]["majority_accuracy"]["dev"]
-    return run.summary["dev_accuracy"] <= majority + 1e-12
+    accuracy = float(run.summary["dev_accuracy"])
+    return not math.isfinite(accuracy) or accuracy <= run.summary["run"]["majority_accuracy"]["dev"] + 1e-12
 
 
 def _save(fig, axes, path: Path) -> Path:
@@ -200,13 +206,13 @@ def _part_section(spec: TaskSpec, table, records: list[RunRecord], sweeps: list[
     own = [s for s in sweeps if s.task == spec.key]
     if own:
         lines += [f"Learning rate per optimizer, chosen by {own[0].metric.label} on seed {own[0].to_json()['seed']} "
-                  "(not a seed of the comparison):", "",
-                  "| variant | " + " | ".join(f"lr {_fmt(r.lr)}" for r in own[0].runs) + " | chosen |",
-                  "|---|" + "---|" * (len(own[0].runs) + 1)]
+                  "(not a seed of the comparison); each cell is lr: metric:", "",
+                  "| variant | " + " | ".join(f"run {i + 1}" for i in range(max(len(s.runs) for s in own))) + " | chosen |",
+                  "|---|" + "---|" * (max(len(s.runs) for s in own) + 1)]
         for s in own:
-            lines.append(f"| `{s.variant}` | " + " | ".join(f"{r.summary[s.metric.key]:.4f}" for r in s.runs)
-                         + f" | {_fmt(s.chosen_lr)}" + (" (edge of the range)" if s.chosen_lr in (s.runs[0].lr, s.runs[-1].lr)
-                                                       else "") + " |")
+            edge = " (edge of the range)" if s.chosen_lr in (min(r.lr for r in s.runs), max(r.lr for r in s.runs)) else ""
+            lines.append(f"| `{s.variant}` | " + " | ".join(f"{_fmt(r.lr)}: {float(r.summary[s.metric.key]):.4f}"
+                                                              for r in s.runs) + f" | {_fmt(s.chosen_lr)}{edge} |")
         if spec.lr_from:
             lines += ["", "; ".join(f"`{v}` uses `{src}`'s LR" for v, src in spec.lr_from.items()) + "."]
         lines.append("")
