@@ -12,7 +12,7 @@ import pytest
 
 from bertopt.study.early_steps import analytic_ratio
 from bertopt.study.stats import paired_difference, summarize
-from bertopt.study.variants import BY_NAME, VARIANTS
+from bertopt.study.variants import BY_NAME
 
 
 def test_summary_and_paired_difference():
