@@ -265,3 +265,16 @@ def test_a_diverged_run_is_recorded_as_a_result_and_not_trained_again(tmp_path, 
     monkeypatch.setattr(command, "run", failing_run)
     with pytest.raises(grid.StudyError, match="could not write the checkpoint"):
         grid.run_one(spec, BY_NAME["bert"], 1, 1e-3, tmp_path / "bert" / "seed1", log=lambda line: None)
+
+
+def test_report_only_trains_nothing_and_leaves_out_unfinished_parts(tmp_path, capsys):
+    from bertopt.cli import main
+
+    out = tmp_path / "study"
+    assert main(["study", "--quick", "--parts", "decay", "large_batch", "--out", str(out), "--report-only"]) == 0
+    assert not (out / "runs").exists() and not (out / "sweeps").exists()
+    printed = capsys.readouterr().out
+    assert "0 of 8 runs have finished" in printed and "its LR sweep has not finished" in printed
+    claims = json.loads((out / "study-claims.json").read_text())
+    assert claims["comparisons"] == [] and claims["large_batch"] == []
+    assert "## Decoupled decay vs L2 (quick)" in (out / "report.md").read_text()

@@ -86,6 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--claims-json", type=Path, default=None,
                         help="where to write the machine-readable verdicts (default: <out>/study-claims.json)")
     parser.add_argument("--no-report", action="store_true", help="only run (another process will write the report)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write the report from the runs that have finished (while others still run)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     seeds = {s.key: list(range(args.first_seed, args.first_seed + (args.seeds or s.seeds))) for s in specs}
     start = time.perf_counter()
     try:
-        records, sweeps = run_grid(specs, BY_NAME, seeds, out)
+        records, sweeps = run_grid(specs, BY_NAME, seeds, out, train=not args.report_only)
     except (KeyboardInterrupt, Terminated) as exc:
         code = exit_code(exc)
         print(f"bertopt study: stopped by {'Ctrl-C' if code == EXIT_SIGINT else 'SIGTERM'}; the finished runs in {out} "

@@ -212,13 +212,15 @@ def _train(spec: TaskSpec, config, out_dir: Path, name: str) -> float:
 
 
 def run_one(spec: TaskSpec, variant: Variant, seed: int, lr: float, out_dir: Path, *,
-            log: Callable[[str], None], wait: bool = True) -> RunRecord | None:
+            log: Callable[[str], None], wait: bool = True, train: bool = True) -> RunRecord | None:
     """One training run, or its finished result from earlier. If another process holds the run,
-    wait for it (``wait``) or return None."""
+    wait for it (``wait``) or return None; if it has not finished and ``train`` is False, None."""
     name = f"{spec.key}/{out_dir.parent.name}/seed{seed}"
     config = build_config(spec, variant, seed, lr, out_dir)
     seconds, waiting = 0.0, False
     while (summary := finished_summary(out_dir) or _diverged_summary(out_dir)) is None:
+        if not train:
+            return None
         lock = _Lock(out_dir)
         if not lock.acquire():
             if not wait:
@@ -264,25 +266,32 @@ class SweepResult:
                 "chosen_lr": self.chosen_lr}
 
 
-def _run_all(jobs: list[tuple], log: Callable[[str], None]) -> list[RunRecord]:
-    """Run each (spec, variant, seed, lr, out_dir) not held by another process, then wait for those that were."""
+def _run_all(jobs: list[tuple], log: Callable[[str], None], train: bool = True) -> list[RunRecord]:
+    """Run each (spec, variant, seed, lr, out_dir) not held by another process, then wait for those that
+    were. Without ``train``: only the finished ones."""
     done: dict[int, RunRecord] = {}
     for i, job in enumerate(jobs):
-        if (record := run_one(*job, log=log, wait=False)) is not None:
+        if (record := run_one(*job, log=log, wait=False, train=train)) is not None:
             done[i] = record
+    if not train:
+        return [done[i] for i in sorted(done)]
     for i, job in enumerate(jobs):
         if i not in done:
             done[i] = run_one(*job, log=log, wait=True)
     return [done[i] for i in range(len(jobs))]
 
 
-def run_sweep(spec: TaskSpec, variants: dict[str, Variant], out: Path, *, log: Callable[[str], None]) -> list[SweepResult]:
+def run_sweep(spec: TaskSpec, variants: dict[str, Variant], out: Path, *, log: Callable[[str], None],
+              train: bool = True) -> list[SweepResult] | None:
+    """Each swept variant's runs and chosen LR; None if ``train`` is False and a sweep run has not finished."""
     if not spec.sweep:
         return []
     metric = spec.sweep_metric or spec.metrics[0]
     jobs = [(spec, variants[name], SWEEP_SEED, lr, out / "sweeps" / spec.key / f"{name}_lr{lr:g}" / f"seed{SWEEP_SEED}")
             for name, lrs in spec.sweep.items() for lr in lrs]
-    records = _run_all(jobs, log)
+    records = _run_all(jobs, log, train)
+    if len(records) < len(jobs):
+        return None
     results = []
     for name in spec.sweep:
         runs = [r for r in records if r.variant == name]
@@ -302,15 +311,22 @@ def lr_of(spec: TaskSpec, variant: str, sweeps: list[SweepResult]) -> float:
 
 
 def run_grid(specs: list[TaskSpec], variants: dict[str, Variant], seeds: dict[str, list[int]], out: Path, *,
-             log: Callable[[str], None] = print) -> tuple[list[RunRecord], list[SweepResult]]:
-    """Every part: its sweep (if any), then its variants x seeds. ``seeds`` maps part key -> seeds."""
+             log: Callable[[str], None] = print, train: bool = True) -> tuple[list[RunRecord], list[SweepResult]]:
+    """Every part: its sweep (if any), then its variants x seeds. ``seeds`` maps part key -> seeds.
+    Without ``train``, only what has finished (a part whose sweep has not is left out)."""
     records, sweeps = [], []
     for spec in specs:
         log(f"{spec.title}: {len(spec.variants)} variants x {len(seeds[spec.key])} seeds"
             + (f" after an LR sweep of {sum(map(len, spec.sweep.values()))} runs" if spec.sweep else ""))
-        spec_sweeps = run_sweep(spec, variants, out, log=log)
+        spec_sweeps = run_sweep(spec, variants, out, log=log, train=train)
+        if spec_sweeps is None:
+            log("  its LR sweep has not finished: left out of the report")
+            continue
         sweeps += spec_sweeps
         jobs = [(spec, variants[name], seed, lr_of(spec, name, spec_sweeps), out / "runs" / spec.key / name / f"seed{seed}")
                 for seed in seeds[spec.key] for name in spec.variants]
-        records += _run_all(jobs, log)
+        part = _run_all(jobs, log, train)
+        if len(part) < len(jobs):
+            log(f"  {len(part)} of {len(jobs)} runs have finished")
+        records += part
     return records, sweeps
