@@ -201,6 +201,7 @@ def _train(spec: TaskSpec, config, out_dir: Path, name: str) -> float:
     if code in (EXIT_SIGINT, EXIT_SIGTERM):  # the run saved a checkpoint and stopped: so does the study
         raise KeyboardInterrupt if code == EXIT_SIGINT else Terminated
     message = errors.getvalue().strip()
+    out_dir.mkdir(parents=True, exist_ok=True)  # a run that failed before its first file still gets our records
     if code != 0 and ("non-finite" in message or "the training loss is" in message):
         diverged = {"diverged": message[-1000:], "wall_time_s": time.perf_counter() - start,
                     **{m.key: float("nan") for m in spec.metrics}, "run": {"lr": config.optim.lr, "seed": config.run.seed}}
