@@ -113,8 +113,8 @@ def test_quick_study_report_comes_from_its_runs(tmp_path, capsys):
     assert re.search(rf"\b{n_runs} runs \(8 of them LR sweeps\) taking [\d.]+ min of training", report)
     for spec in specs.values():
         assert f"## {spec.title}" in report
-    for png in ("curves-finetune.png", "curves-few_sample.png", "curves-large_batch.png", "curves-decay.png",
-                "early-steps.png", "differences.png", "few-sample.png"):
+    for png in ("curves-finetune.png", "curves-few_sample.png", "curves-few_sample_lr1e-4.png", "curves-large_batch.png",
+                "curves-decay.png", "early-steps.png", "differences.png", "few-sample.png", "few-sample-lr1e-4.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in report
 
@@ -147,7 +147,8 @@ def test_quick_study_report_comes_from_its_runs(tmp_path, capsys):
         assert {s["run"]["lr"] for v in users for s in summaries(spec.key, v)} == {best["lr"]}
 
     # the claims JSON has the issue's shape, and its numbers are the runs'
-    assert {c["task"] for c in claims["comparisons"]} == {"finetune", "few_sample", "large_batch", "decay"}
+    assert {c["task"] for c in claims["comparisons"]} == {"finetune", "few_sample", "few_sample_lr1e-4", "large_batch",
+                                                               "decay"}
     for c in claims["comparisons"]:
         assert {"claim", "task", "variant", "baseline", "metric", "seeds", "mean_diff", "ci95", "verdict"} <= set(c)
         pairs = list(zip(summaries(c["task"], c["variant"]), summaries(c["task"], c["baseline"])))
@@ -156,10 +157,10 @@ def test_quick_study_report_comes_from_its_runs(tmp_path, capsys):
         assert c["seeds"] == len(diffs) and c["mean_diff"] == pytest.approx(statistics.fmean(diffs))
         assert c["ci95"][0] <= c["mean_diff"] <= c["ci95"][1]
         assert re.match(r"(variant better|baseline better|not distinguishable)", c["verdict"])
-        if c["task"] in ("finetune", "few_sample"):
+        if c["task"].startswith(("finetune", "few_sample")):
             assert re.search(r"; (inside|outside|neither)", c["verdict"])
     for arm in claims["few_sample"]:
-        runs = summaries("few_sample", arm["arm"])
+        runs = summaries(arm["part"], arm["arm"])
         failed = sum(s["dev_accuracy"] <= s["run"]["majority_accuracy"]["dev"] for s in runs)
         assert (arm["runs"], arm["failed_runs"], arm["train_examples"]) == (len(runs), failed, 16)
         assert arm["mean_dev_accuracy"] == pytest.approx(statistics.fmean(s["dev_accuracy"] for s in runs))
@@ -173,7 +174,9 @@ def test_quick_study_report_comes_from_its_runs(tmp_path, capsys):
 
     # the claims table names a verdict for each comparison
     table = [line for line in report.split("## Claims", 1)[1].splitlines() if re.match(r"\| \d \|", line)]
-    assert len(table) == len(claims["comparisons"]) == 6
+    assert len(table) == len(claims["comparisons"]) == 7
+    assert {(arm["part"], arm["arm"]) for arm in claims["few_sample"]} == {
+        (part, arm) for part in ("few_sample", "few_sample_lr1e-4") for arm in ("bert", "adamw")}
 
     # a second invocation reuses every finished run and writes the same numbers
     assert main(["study", "--quick", "--out", str(out), "--claims-json", str(claims_path)]) == 0

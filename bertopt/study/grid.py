@@ -56,11 +56,11 @@ class TaskSpec:
     settings: dict  # the command's own settings, and run settings under "run"
     metrics: tuple[Metric, ...]  # the first one decides
     variants: tuple[str, ...]
-    baseline: str
     seeds: int  # default number of seeds
     sweep: dict[str, tuple[float, ...]] = field(default_factory=dict)  # variant -> LRs tried
     sweep_metric: Metric | None = None  # chooses the LR (a dev metric)
     lr_from: dict[str, str] = field(default_factory=dict)  # variant -> the swept variant whose LR it uses
+    failure_table: bool = False  # report failed runs per arm (the few-sample parts)
 
 
 @dataclass
@@ -212,6 +212,11 @@ def _train(spec: TaskSpec, config, out_dir: Path, name: str) -> float:
     return time.perf_counter() - start
 
 
+def _result(out_dir: Path) -> dict | None:
+    """A run's summary if it has finished (or diverged, which is a result too), else None."""
+    return finished_summary(out_dir) or _diverged_summary(out_dir)
+
+
 def run_one(spec: TaskSpec, variant: Variant, seed: int, lr: float, out_dir: Path, *,
             log: Callable[[str], None], wait: bool = True, train: bool = True) -> RunRecord | None:
     """One training run, or its finished result from earlier. If another process holds the run,
@@ -219,7 +224,7 @@ def run_one(spec: TaskSpec, variant: Variant, seed: int, lr: float, out_dir: Pat
     name = f"{spec.key}/{out_dir.parent.name}/seed{seed}"
     config = build_config(spec, variant, seed, lr, out_dir)
     seconds, waiting = 0.0, False
-    while (summary := finished_summary(out_dir) or _diverged_summary(out_dir)) is None:
+    while (summary := _result(out_dir)) is None:
         if not train:
             return None
         lock = _Lock(out_dir)
@@ -232,9 +237,9 @@ def run_one(spec: TaskSpec, variant: Variant, seed: int, lr: float, out_dir: Pat
             time.sleep(5)
             continue
         try:
-            if finished_summary(out_dir) is None and _diverged_summary(out_dir) is None:  # not done meanwhile
+            if _result(out_dir) is None:  # not finished by another process meanwhile
                 seconds = _train(spec, config, out_dir, name)
-                summary = finished_summary(out_dir) or _diverged_summary(out_dir)
+                summary = _result(out_dir)
                 if summary is None:
                     raise StudyError(f"study run {name} wrote no complete summary in {out_dir}")
                 log(f"  {name:<34} lr {lr:<8.3g} " + ", ".join(

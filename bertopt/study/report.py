@@ -34,6 +34,8 @@ COMPARISONS = (
                "finetune", "adam", "bert", 0.5 * POINT),
     Comparison(2, "With warmup, bias correction can be dropped without harm (1,000 examples)", "few_sample",
                "adamw", "bert", 0.5 * POINT),
+    Comparison(2, "With warmup, bias correction can be dropped without harm (1,000 examples, lr 1e-4)",
+               "few_sample_lr1e-4", "adamw", "bert", 0.5 * POINT),
     Comparison(5, "LAMB matters only at large batch (batch 1,024, each at its own LR)", "large_batch", "lamb", "bert"),
     Comparison(1, "With Adam, decoupled weight decay beats L2 in the loss (decay 0.01)", "decay", "adam_l2", "bert"),
     Comparison(1, "With Adam, decoupled weight decay beats L2 in the loss (decay 0.1)", "decay", "adam_l2_wd0.1",
@@ -54,6 +56,18 @@ def _by(records: list[RunRecord]) -> dict[tuple[str, str], dict[int, RunRecord]]
 def _values(runs: dict[int, RunRecord], key: str) -> dict[int, float]:
     """Per seed; a diverged run counts as NaN (shown, not averaged away)."""
     return {seed: float(r.summary[key]) for seed, r in runs.items() if key in r.summary}
+
+
+def paired_differences(specs: list[TaskSpec], table) -> dict[tuple[Comparison, str], PairedDifference]:
+    """Each comparison's paired difference by seed, per metric of its part (where both arms have runs)."""
+    diffs = {}
+    for spec in specs:
+        for c in COMPARISONS:
+            if c.task == spec.key and (c.task, c.variant) in table and (c.task, c.baseline) in table:
+                for m in spec.metrics:
+                    diffs[(c, m.key)] = paired_difference(_values(table[(c.task, c.variant)], m.key),
+                                                          _values(table[(c.task, c.baseline)], m.key))
+    return diffs
 
 
 def verdict(diff: PairedDifference, higher_is_better: bool) -> str:
@@ -143,7 +157,7 @@ def plot_differences(rows: list[tuple[Comparison, PairedDifference, str]], path:
     return _save(fig, axes[0], path)
 
 
-def plot_few_sample(runs_by_arm: dict[str, list[RunRecord]], path: Path) -> Path:
+def plot_few_sample(runs_by_arm: dict[str, list[RunRecord]], title: str, path: Path) -> Path:
     import random
 
     plt = _pyplot()
@@ -157,7 +171,7 @@ def plot_few_sample(runs_by_arm: dict[str, list[RunRecord]], path: Path) -> Path
     majority = next(iter(runs_by_arm.values()))[0].summary["run"]["majority_accuracy"]["dev"]
     ax.axhline(majority, color="C3", linestyle="--", linewidth=1, label=f"majority class ({majority:.3f}): failed at or below")
     ax.set_xticks(range(len(runs_by_arm)), list(runs_by_arm))
-    ax.set(ylabel="dev accuracy", title="few-sample fine-tuning: one point per run")
+    ax.set(ylabel="dev accuracy", title=f"{title}: one point per run")
     return _save(fig, (ax,), path)
 
 
@@ -198,7 +212,7 @@ def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
-def _part_section(spec: TaskSpec, table, records: list[RunRecord], sweeps: list[SweepResult], out: Path) -> list[str]:
+def _part_section(spec: TaskSpec, table, diffs, records: list[RunRecord], sweeps: list[SweepResult], out: Path) -> list[str]:
     lines = ["", f"## {spec.title}", "",
              f"`bertopt {spec.command}`, batch {spec.batch_size}, "
              + (f"{spec.steps} steps" if spec.steps else "steps from the epochs setting")
@@ -226,16 +240,13 @@ def _part_section(spec: TaskSpec, table, records: list[RunRecord], sweeps: list[
         lrs = sorted({r.lr for r in runs.values()})
         seconds = summarize([r.seconds for r in runs.values()]).mean
         lines.append(f"| `{name}` | {', '.join(map(_fmt, lrs))} | {len(runs)} | " + " | ".join(cells) + f" | {seconds:.0f} |")
-    pairs = [c for c in COMPARISONS if c.task == spec.key and (spec.key, c.variant) in table and (spec.key, c.baseline) in table]
+    pairs = [c for c in COMPARISONS if (c, spec.metrics[0].key) in diffs and c.task == spec.key]
     if pairs:
         lines += ["", "Paired differences by seed (variant − baseline): mean ± std [95% t-interval]:", "",
                   "| variant − baseline | " + " | ".join(m.label for m in spec.metrics) + " |",
                   "|" + "---|" * (len(spec.metrics) + 1)]
         for c in pairs:
-            cells = []
-            for m in spec.metrics:
-                d = paired_difference(_values(table[(spec.key, c.variant)], m.key), _values(table[(spec.key, c.baseline)], m.key))
-                cells.append(f"{d} {verdict(d, m.higher_is_better)}")
+            cells = [f"{diffs[(c, m.key)]} {verdict(diffs[(c, m.key)], m.higher_is_better)}" for m in spec.metrics]
             lines.append(f"| `{c.variant}` − `{c.baseline}` | " + " | ".join(cells) + " |")
     png = plot_curves(records, spec, out / f"curves-{spec.key}.png")
     lines += ["", f"![{spec.title}: loss curves and learning rates]({png.name})"]
@@ -249,7 +260,7 @@ def few_sample_results(spec: TaskSpec, table) -> list[dict]:
         if not runs:
             continue
         acc = summarize([r.summary["dev_accuracy"] for r in runs])
-        results.append({"arm": arm, "train_examples": runs[0].summary["run"]["split_sizes"]["train"],
+        results.append({"part": spec.key, "arm": arm, "train_examples": runs[0].summary["run"]["split_sizes"]["train"],
                         "epochs": spec.settings.get("epochs"), "lr": runs[0].lr, "runs": len(runs),
                         "failed_runs": sum(map(is_failed, runs)), "failure_rule": FAILURE_RULE,
                         "majority_dev_accuracy": runs[0].summary["run"]["majority_accuracy"]["dev"],
@@ -270,7 +281,7 @@ def _few_sample_section(spec: TaskSpec, table, results: list[dict], out: Path) -
                      f"{f['failed_runs']} | {f['mean_dev_accuracy']:.4f} ± {f['std']:.4f} | {f['min_dev_accuracy']:.4f} | "
                      f"{f['mean_test_accuracy']:.4f} |")
     png = plot_few_sample({a: list(table[(spec.key, a)].values()) for a in spec.variants if (spec.key, a) in table},
-                          out / "few-sample.png")
+                          f"lr {_fmt(spec.lr)}", out / f"{spec.key.replace('_', '-')}.png")
     lines += ["", f"![few-sample dev accuracy per run]({png.name})"]
     return lines
 
@@ -279,6 +290,7 @@ def write_report(out: Path, specs: list[TaskSpec], variants: dict[str, Variant],
                  sweeps: list[SweepResult], early: list[EarlyStep], *, command: str, wall_seconds: float,
                  claims_json: Path | None = None) -> Path:
     table = _by(records)
+    diffs = paired_differences(specs, table)
     all_runs = len(records) + sum(len(s.runs) for s in sweeps)
     minutes = (sum(r.seconds for r in records) + sum(r.seconds for s in sweeps for r in s.runs)) / 60
     lines = [
@@ -301,10 +313,11 @@ def write_report(out: Path, specs: list[TaskSpec], variants: dict[str, Variant],
     lines += [f"| `{v.name}` | {v.label} |" for v in used]
     few_results = []
     for spec in specs:
-        lines += _part_section(spec, table, records, sweeps, out)
-        if spec.key == "few_sample":
-            few_results = few_sample_results(spec, table)
-            lines += _few_sample_section(spec, table, few_results, out)
+        lines += _part_section(spec, table, diffs, records, sweeps, out)
+        if spec.failure_table:
+            results = few_sample_results(spec, table)
+            lines += _few_sample_section(spec, table, results, out)
+            few_results += results
 
     lines += ["", "## Early steps: bias correction under warmup", "",
               "Two pretraining runs from the same initialisation on the same batches, BertAdam without and "
@@ -326,10 +339,10 @@ def write_report(out: Path, specs: list[TaskSpec], variants: dict[str, Variant],
               "| # | claim | part | metric | seeds | variant − baseline | verdict |", "|---|---|---|---|---|---|---|"]
     for c in COMPARISONS:
         spec = by_key.get(c.task)
-        if spec is None or (c.task, c.variant) not in table or (c.task, c.baseline) not in table:
+        if spec is None or (c, spec.metrics[0].key) not in diffs:
             continue
         metric = spec.metrics[0]
-        d = paired_difference(_values(table[(c.task, c.variant)], metric.key), _values(table[(c.task, c.baseline)], metric.key))
+        d = diffs[(c, metric.key)]
         text = verdict(d, metric.higher_is_better) + (f"; {band_verdict(d, c.margin)}" if c.margin is not None else "")
         rows.append((c, d, text))
         lines.append(f"| {c.claim} | {c.statement} | {c.task} | {metric.label} | {d.n} | {d} | "
