@@ -75,8 +75,9 @@ def _optim_and_run_flags(parser: argparse.ArgumentParser, defaults) -> None:
     add("--weight-decay-mode", choices=WEIGHT_DECAY_MODES,
         help="decoupled: update += wd * param, as BERT; l2: wd * param added to the gradient")
     add("--bias-correction", action=argparse.BooleanOptionalAction,
-        help="Adam bias correction (default: the optimizer's own: off for adam, as BERT, where --bias-correction "
-             "makes BertAdam AdamW; on for lamb)")
+        help="Adam bias correction; --bias-correction makes BertAdam AdamW (default: "
+             + ("the optimizer's own: off for adam, as BERT; on for lamb)" if optim.bias_correction is None else
+                f"{'on' if optim.bias_correction else 'off'}, from docs/study.md)"))
     add("--max-grad-norm", type=float, help="clip gradients to this global norm; 0 disables")
     add = _adder(group, "run", run)
     add("--on-nonfinite", choices=NONFINITE_POLICIES,

@@ -63,7 +63,7 @@ def task_specs(quick: bool):
                  few_settings, few, ("bert", "adamw"), seeds=20, failure_table=True),
         # The same at 4x the LR, 1e-4 (AdamW's choice in the one-epoch sweep), added after the
         # 2.5e-5 runs: there bias-corrected Adam barely leaves the majority class in 93 steps
-        # (its steps are 3 to 6.5 times smaller than BertAdam's), so equal LRs compare step sizes, and the
+        # (its steps are 3 to 6.6 times smaller than BertAdam's), so equal LRs compare step sizes, and the
         # papers' instability, if it is here, shows at larger steps. 10 seeds: what the budget left.
         TaskSpec("few_sample_lr1e-4", "finetune", "Few-sample fine-tuning at lr 1e-4: 1,000 examples, 3 epochs", 1e-4,
                  32, None, few_settings, few, ("bert", "adamw"), seeds=10, failure_table=True),

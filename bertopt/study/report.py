@@ -281,7 +281,7 @@ def _few_sample_section(spec: TaskSpec, table, results: list[dict], out: Path) -
                      f"{f['failed_runs']} | {f['mean_dev_accuracy']:.4f} ± {f['std']:.4f} | {f['min_dev_accuracy']:.4f} | "
                      f"{f['mean_test_accuracy']:.4f} |")
     png = plot_few_sample({a: list(table[(spec.key, a)].values()) for a in spec.variants if (spec.key, a) in table},
-                          f"lr {_fmt(spec.lr)}", out / f"{spec.key.replace('_', '-')}.png")
+                          f"few-sample fine-tuning at lr {_fmt(spec.lr)}", out / f"{spec.key.replace('_', '-')}.png")
     lines += ["", f"![few-sample dev accuracy per run]({png.name})"]
     return lines
 

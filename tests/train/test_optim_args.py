@@ -32,3 +32,17 @@ def test_bias_correction_default_is_the_optimizers(argv, optimizer_type, expecte
 def test_l2_mode_with_lamb_is_rejected_early():
     with pytest.raises(ValueError, match="--weight-decay-mode l2 is for --optimizer adam"):
         parse("--optimizer", "lamb", "--weight-decay-mode", "l2")
+
+
+def test_finetune_defaults_to_bias_correction_at_1e4_and_flags_give_berts_recipe():
+    def finetune(*argv):
+        return config_from_args("finetune", build_parser().parse_args(["finetune", *argv])).optim
+
+    default = finetune()
+    assert (default.optimizer, default.lr, default.uses_bias_correction) == ("adam", 1e-4, True)
+    optimizer, _ = build_optimizer(torch.nn.Linear(3, 3), default, 10)
+    assert all(group["bias_correction"] is True for group in optimizer.param_groups)
+    bert = finetune("--no-bias-correction", "--lr", "2.5e-5")
+    assert (bert.lr, bert.uses_bias_correction) == (2.5e-5, False)
+    assert "(default: on, from docs/study.md)" in " ".join(build_parser()._subparsers._group_actions[0]
+                                                          .choices["finetune"].format_help().split())
