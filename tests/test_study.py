@@ -218,7 +218,10 @@ def test_sigterm_stops_the_study_and_the_same_command_finishes_it(tmp_path):
         probe = _Lock(lock.with_suffix(""))
         assert probe.acquire()
         probe.release()
-    finished_before = {p.parent for p in out.rglob("summary.json")}
+    from bertopt.train.report import finished_summary
+
+    # an interrupted run writes a summary too (stopped_by): only completed ones count as finished
+    finished_before = {p.parent for p in out.rglob("summary.json") if finished_summary(p.parent) is not None}
 
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -207,7 +207,9 @@ def test_bad_input_is_one_clear_line(tiny_model_dir, sentiment_csv, tmp_path, ca
 
 def test_tiny_finetune_end_to_end_learns_and_reports(tiny_model_dir, sentiment_csv, tmp_path):
     out = tmp_path / "out"
-    assert cli_main(finetune_argv(tiny_model_dir, sentiment_csv, out, "--steps", "40", "--eval-every", "20")) == 0
+    # the default optimizer (bias correction on, as `bertopt finetune` defaults to) at a tiny model's LR
+    assert cli_main(finetune_argv(tiny_model_dir, sentiment_csv, out, "--steps", "40", "--eval-every", "20",
+                                  "--lr", "8e-3")) == 0
 
     summary = json.loads((out / "summary.json").read_text())
     sizes = summary["run"]["split_sizes"]
@@ -224,7 +226,7 @@ def test_tiny_finetune_end_to_end_learns_and_reports(tiny_model_dir, sentiment_c
     assert [r["step"] for r in records] == list(range(1, 41))
     assert [r["step"] for r in records if "dev_accuracy" in r] == [20, 40]
     # the loop logs the LR of each update: Google's schedule, warmup 4 of 40 steps, from 0
-    expected = [2e-3 * k / 4 if k < 4 else 2e-3 * (1 - k / 40) for k in range(40)]
+    expected = [8e-3 * k / 4 if k < 4 else 8e-3 * (1 - k / 40) for k in range(40)]
     assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-9, abs=1e-15)
     assert all(r["grad_norm"] > 0 for r in records)
     assert records[-1]["dev_accuracy"] == summary["dev_accuracy"]
