@@ -109,6 +109,20 @@ def test_sum_of_squares_matches_float64(native_on):
 
 
 @needs_compiler
+@pytest.mark.parametrize("n", [1, 255, 256, 4 * 256 - 1, 4 * 256 * 5 + 3 * 256 + 100, (1 << 18) + 4097])
+def test_sum_of_squares_reads_every_element_once(native_on, n):
+    # A span is read as four streams of blocks, then leftover blocks, then single elements
+    # (csrc/norm.c): with ones the sum is n exactly, and one element set to 3 adds exactly 8
+    # wherever it is, so an element read twice or skipped cannot go unnoticed.
+    lib = build.library()
+    assert kernels.sum_of_squares(lib, [torch.ones(n)]) == n
+    for k in sorted({0, n // 4, n // 2, n - 257, n - 1} & set(range(n))):
+        x = torch.ones(n)
+        x[k] = 3.0
+        assert kernels.sum_of_squares(lib, [x, torch.ones(3)]) == n + 8 + 3, k
+
+
+@needs_compiler
 def test_native_step_bumps_version_counters_like_an_inplace_op(native_on):
     # Autograd uses _version to refuse a backward through tensors changed since the forward.
     w = torch.nn.Parameter(torch.randn(4, 3))

@@ -1,5 +1,5 @@
 """How accurate the native norm pass is (csrc/norm.c: float32 sums of 32 squares per lane,
-blocks of 1024 added in double), against a float64 norm, on tensors as large as BERT's
+blocks of 256 added in double), against a float64 norm, on tensors as large as BERT's
 word embedding (23.4M elements). torch's float32 CPU norm reads low there by ~1e-3."""
 
 from __future__ import annotations

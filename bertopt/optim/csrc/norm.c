@@ -1,26 +1,33 @@
 /* The global gradient norm's sum of squares, at the memory-bandwidth limit.
 
-   Summing every square in double (as before) is compute-bound: a double lane holds half
-   as many values and the conversions cost as much as the adds (in L2, one thread: 26 GB/s
-   in double against 42 GB/s here), too close to what two cores' memory delivers. Here
-   squares are summed in float32 over blocks of NORM_BLOCK elements, in NORM_LANES
-   independent accumulators (explicit vectors: the result is the same with any vector
-   width), and the blocks' sums are added in double. Each float accumulator adds
-   NORM_BLOCK / NORM_LANES = 32 non-negative squares: its relative rounding error is at
-   most 32 * 2^-24 (2e-6); measured against a float64 norm on 23M elements it is 4e-13 to
-   4e-9 (tests/test_norm_accuracy.py). Partial sums are combined in a fixed order: the
-   norm does not depend on the thread count or timing. */
+   Summing every square in double is compute-bound: a double lane holds half as many
+   values and the conversions cost as much as the adds (in L2, one thread: 26 GB/s in
+   double against 42 GB/s in float). Here squares are summed in float32 over blocks of
+   NORM_BLOCK elements, one vector of 8 lanes per block (explicit vectors: the result is
+   the same with any vector width), and the blocks' sums are added in double. Each float
+   lane adds NORM_BLOCK / 8 = 32 non-negative squares: its relative rounding error is at
+   most 32 * 2^-24 (2e-6); measured against a float64 norm on 23M elements it is far
+   smaller (tests/test_norm_accuracy.py).
+
+   A core reading one stream does not reach memory bandwidth: the prefetcher keeps too few
+   lines in flight (one thread summed 7 GB/s here while an in-place add moved 14 GB/s).
+   So a span is read as NORM_STREAMS streams at once, a block from each quarter per
+   iteration: 1.46x faster than one stream at 2 threads, 1.49x at 1; eight streams gain
+   nothing more (bert-base, benchmarks/norm_streams.py). Partial sums are combined in a fixed order: the norm does
+   not depend on the thread count or timing. */
 #include <stdlib.h>
 
 #include "bertopt.h"
 
-#define NORM_BLOCK 1024
-#define NORM_LANES 32
+#define NORM_BLOCK 256
+#ifndef NORM_STREAMS  /* benchmarks/norm_streams.py builds other counts to compare */
+#define NORM_STREAMS 4
+#endif
 
 typedef struct { float *const *x; double *partial; } sumsq_args;
 
 /* Eight float lanes per vector (GCC/Clang vector extension: AVX's ymm where there is AVX,
-   two SSE or NEON registers elsewhere); four vectors = NORM_LANES independent sums. */
+   two SSE or NEON registers elsewhere). */
 typedef float v8f __attribute__((vector_size(32)));
 
 static inline v8f load8(const float *p) {
@@ -29,24 +36,36 @@ static inline v8f load8(const float *p) {
     return x;
 }
 
-static double sumsq_span(const float *restrict x, int64_t n) {
+static inline double block_sum(v8f a) {
     double s = 0.0;
-    int64_t b = 0;
-    for (; b + NORM_BLOCK <= n; b += NORM_BLOCK) {
-        v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        const float *xb = x + b;
-        for (int64_t i = 0; i < NORM_BLOCK; i += NORM_LANES) {
-            const v8f x0 = load8(xb + i), x1 = load8(xb + i + 8), x2 = load8(xb + i + 16), x3 = load8(xb + i + 24);
-            a0 += x0 * x0;
-            a1 += x1 * x1;
-            a2 += x2 * x2;
-            a3 += x3 * x3;
-        }
-        double block = 0.0;
-        for (int j = 0; j < 8; j++) block += (double)a0[j] + (double)a1[j] + (double)a2[j] + (double)a3[j];
-        s += block;
+    for (int j = 0; j < 8; j++) s += (double)a[j];
+    return s;
+}
+
+/* Sum of x*x: full blocks NORM_STREAMS at a time (one from each of NORM_STREAMS equal
+   runs of blocks), then the blocks left over, then the last elements in double. */
+static double sumsq_span(const float *restrict x, int64_t n) {
+    const int64_t n_blocks = n / NORM_BLOCK, per_stream = n_blocks / NORM_STREAMS;
+    double s = 0.0;
+    for (int64_t b = 0; b < per_stream; b++) {
+        v8f acc[NORM_STREAMS];
+        for (int q = 0; q < NORM_STREAMS; q++) acc[q] = (v8f){0};
+        for (int64_t i = 0; i < NORM_BLOCK; i += 8)
+            for (int q = 0; q < NORM_STREAMS; q++) {
+                const v8f y = load8(x + (q * per_stream + b) * NORM_BLOCK + i);
+                acc[q] += y * y;
+            }
+        for (int q = 0; q < NORM_STREAMS; q++) s += block_sum(acc[q]);
     }
-    for (; b < n; b++) s += (double)x[b] * (double)x[b];  /* a float*float product is exact in double */
+    for (int64_t b = NORM_STREAMS * per_stream; b < n_blocks; b++) {
+        v8f acc = {0};
+        for (int64_t i = 0; i < NORM_BLOCK; i += 8) {
+            const v8f y = load8(x + b * NORM_BLOCK + i);
+            acc += y * y;
+        }
+        s += block_sum(acc);
+    }
+    for (int64_t i = n_blocks * NORM_BLOCK; i < n; i++) s += (double)x[i] * (double)x[i];  /* exact in double */
     return s;
 }
 

@@ -1,0 +1,79 @@
+"""How many streams should the norm pass read at once? (issue 13)
+
+The native norm pass (csrc/norm.c) sums squares a block at a time from NORM_STREAMS places
+in a span at once, so that one core keeps enough cache lines in flight. This script builds
+the kernel library with NORM_STREAMS = 1, 2, 4 and 8 (same blocks, same accuracy) and times
+their sum of squares over bert-base's gradients, interleaved round by round with the
+in-place add probe, and reports medians and the median per-round ratio to one stream.
+
+    python benchmarks/norm_streams.py --threads 2 --reps 21 --out benchmarks/results/norm_streams.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bertopt.bench import harness
+from bertopt.optim.native import build, kernels
+
+STREAMS = (1, 2, 4, 8)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="bert-base")
+    parser.add_argument("--reps", type=int, default=21)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", default=None, help="JSON file for the raw times and the summary")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cc = build.find_compiler()
+    if cc is None:
+        raise SystemExit("no C compiler found")
+    t = harness.make_tensors(args.size)
+    grads = [p.grad for p in t.params]
+    steps = {"probe": harness.inplace_add_probe(t.count)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in STREAMS:
+            path = Path(tmp) / f"streams{k}.so"
+            err = build.compile_library(cc, path, build.BASE_FLAGS + ["-march=native", f"-DNORM_STREAMS={k}"])
+            if err:
+                raise SystemExit(err)
+            lib = ctypes.CDLL(str(path))
+            kernels.declare(lib)
+            steps[f"streams-{k}"] = lambda lib=lib: kernels.sum_of_squares(lib, grads)
+        sums = {name: step() for name, step in steps.items() if name != "probe"}
+        if max(sums.values()) / min(sums.values()) - 1 > 1e-7:  # same blocks, only their order differs
+            raise SystemExit(f"the variants disagree: {sums}")
+        monitor = harness.LoadMonitor()
+        times = harness.interleaved_times(steps, {name: args.reps for name in steps})
+        load = monitor.stop()
+    one = times["streams-1"]
+    probe = statistics.median(times["probe"])
+    summary = {"probe_GBps": 12 * t.count / probe / 1e9, "norm_floor_ms": probe * 4 / 12 * 1e3}
+    for name, ts in times.items():
+        summary[name] = {"median_ms": statistics.median(ts) * 1e3,
+                         "vs_one_stream_paired": statistics.median(a / b for a, b in zip(ts, one))}
+        print(f"{name:<11} {summary[name]['median_ms']:7.1f} ms   x one stream (paired) "
+              f"{summary[name]['vs_one_stream_paired']:.3f}")
+    print(f"norm floor (4 B/param at the in-place add's {summary['probe_GBps']:.1f} GB/s): "
+          f"{summary['norm_floor_ms']:.1f} ms; load: {load}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({
+            "command": "python benchmarks/norm_streams.py " + " ".join(argv or []), "size": args.size,
+            "threads": args.threads, "reps": args.reps, "load": load, "summary": summary, "times_s": times},
+            indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(main(sys.argv[1:]))
