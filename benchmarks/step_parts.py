@@ -1,10 +1,12 @@
-"""Where BertAdam's native step spends its time: the norm pass and the update pass, each
-against its own byte floor at the in-place add's bandwidth, interleaved in one run.
+"""Where the native steps spend their time: each pass of BertAdam and of LAMB against its
+own byte floor at the in-place add's bandwidth, interleaved in one run.
 
     python benchmarks/step_parts.py --size bert-base --reps 15 --threads 2 --out FILE.json
 
-norm pass: reads g (4 bytes/param); update pass: reads p, g, m, v, writes p, m, v (28);
-the whole step (32) as `bertopt bench` times it.
+BertAdam: norm pass, reads g (4 bytes/param); update pass, reads p, g, m, v, writes p, m, v
+(28); the whole step (32) as `bertopt bench` times it. LAMB (every tensor adapted): pass 1
+reads p, g, m, v and writes m, v (24); pass 2 reads p, m, v and writes p (16); the whole
+step (norm + both passes: 44, or less where pass 2 finds its inputs in the cache).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 
 from bertopt.bench import harness
-from bertopt.bench.methods import FAST_PATH, METHODS
+from bertopt.bench.methods import FAST_PATH, LAMB_FAST_PATH, METHODS
 from bertopt.optim import _adam
 from bertopt.optim.native import build, kernels
 
@@ -38,11 +40,15 @@ def main(argv=None) -> int:
     data = [p.detach() for p in t.params]
     h = _adam.AdamHyper(lr=1e-4, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, bias_correction=False,
                         decoupled=True)
+    lamb_scales = torch.full((len(data),), 1e-6)  # lr * trust ratio, small: the values stay tame
     steps = {
         "probe": harness.inplace_add_probe(t.count),
         "norm-pass": lambda: kernels.sum_of_squares(lib, grads),
         "update-pass": lambda: kernels.adam_step(lib, data, grads, *t.moments, None, h, 0.5),
         "step": METHODS[FAST_PATH].build(t.params, t.names, t.moments),
+        "lamb-pass1": lambda: kernels.lamb_moments(lib, data, grads, *t.moments, None, h, 0.5, apply_scales=None),
+        "lamb-pass2": lambda: kernels.lamb_apply(lib, data, *t.moments, None, h, lamb_scales),
+        "lamb-step": METHODS[LAMB_FAST_PATH].build(t.params, t.names, t.moments),
     }
     for s in steps.values():
         s()
@@ -50,7 +56,8 @@ def main(argv=None) -> int:
     times = harness.interleaved_times(steps, {n: args.reps for n in steps})
     load = monitor.stop()
     probe = times["probe"]
-    bytes_per_param = {"norm-pass": 4, "update-pass": 28, "step": 32}
+    bytes_per_param = {"norm-pass": 4, "update-pass": 28, "step": 32, "lamb-pass1": 24, "lamb-pass2": 16,
+                       "lamb-step": 44}
     summary = {"probe_GBps": 12 * t.count / statistics.median(probe) / 1e9}
     for name, b in bytes_per_param.items():
         summary[name] = {
