@@ -1,16 +1,17 @@
 """Does running LAMB's two passes a cache-sized segment at a time pay? (issue 4)
 
-LAMB's C kernel needs two passes over each adapted tensor: pass 1 (moments, u over g,
-sums of p^2 and u^2), then pass 2 (p -= lr * r * u). Run over the whole model, pass 2
-rereads p and u from memory. Run a segment of ~1M elements at a time, with each thread
+LAMB's C kernel needs two passes over each adapted tensor: pass 1 (moments, sums of p^2
+and u^2), then pass 2 (u again from p, m, v; p -= lr * r * u). Run over the whole model,
+pass 2 rereads p, m, v from memory. Run a segment of ~1M elements at a time, with each thread
 redoing pass 2 on the parts it did in pass 1, most of them are still in its caches.
 
 This script times, interleaved round by round on the same BERT-shaped tensors:
 
     segmented   Lamb(fused=True) as shipped (``kernels.SEGMENT_NUMEL`` elements per segment)
+    segment-256K, segment-4M  the same with segments of 256K and 4M elements
     one-segment the same one-call kernel with a single segment per bucket
     two-calls   pass 1 on everything, then pass 2 on everything (the sharded path's calls)
-    bertadam    BertAdam(fused=True), the yardstick of the 1.5x target
+    bertadam    BertAdam(fused=True), the yardstick of the LAMB target
 
 and reports medians and the median per-round ratio to BertAdam.
 
@@ -56,6 +57,8 @@ def main(argv=None) -> int:
     shipped = kernels.lamb_step
     variants = {
         "segmented": shipped,
+        "segment-256K": lambda *a, **k: shipped(*a, segment_numel=1 << 18),
+        "segment-4M": lambda *a, **k: shipped(*a, segment_numel=1 << 22),
         "one-segment": lambda *a, **k: shipped(*a, segment_numel=1 << 62),
         "two-calls": two_calls,
     }
