@@ -13,8 +13,8 @@
    lines in flight (one thread summed 7 GB/s here while an in-place add moved 14 GB/s).
    So a span is read as NORM_STREAMS streams at once, a block from each quarter per
    iteration: 1.46x faster than one stream at 2 threads, 1.49x at 1; eight streams gain
-   nothing more (bert-base, benchmarks/norm_streams.py). Partial sums are combined in a fixed order: the norm does
-   not depend on the thread count or timing. */
+   nothing more (bert-base, benchmarks/norm_streams.py). Partial sums are combined in a
+   fixed order: the norm does not depend on the thread count or timing. */
 #include <stdlib.h>
 
 #include "bertopt.h"
