@@ -101,15 +101,33 @@ def _table_rows(report: str, heading: str) -> dict[str, list[str]]:
 
 @pytest.mark.slow
 def test_quick_study_report_comes_from_its_runs(tmp_path, capsys):
+    """Two processes share the study, as the --out help says to use two cores: a second
+    `bertopt study --no-report` on the same directory, and this one, which writes the report."""
+    import subprocess
+    import sys
+
     from bertopt.cli import main
     from bertopt.study.command import task_specs
 
     out = tmp_path / "study"
     claims_path = tmp_path / "claims.json"
-    assert main(["study", "--quick", "--out", str(out), "--claims-json", str(claims_path)]) == 0
+    helper = subprocess.Popen([sys.executable, "-m", "bertopt", "study", "--quick", "--out", str(out), "--no-report"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert main(["study", "--quick", "--out", str(out), "--claims-json", str(claims_path)]) == 0
+    finally:
+        helper_out, helper_err = helper.communicate(timeout=600)
+    assert helper.returncode == 0, helper_err
     report = (out / "report.md").read_text()
     specs = {s.key: s for s in task_specs(quick=True)}
     n_runs = sum(1 for d in out.glob("*/*/*/seed*") if d.is_dir())
+
+    def trained(log):  # the runs a process trained itself: "  <part>/<variant>/seed<n>   lr ..."
+        return re.findall(r"^  (\S+/seed\d+)\s+lr ", log, flags=re.M)
+
+    mine, theirs = trained(capsys.readouterr().out), trained(helper_out)
+    assert mine and theirs and not set(mine) & set(theirs)  # each run trained once, by one of them
+    assert len(mine) + len(theirs) == n_runs
     assert re.search(rf"\b{n_runs} runs \(8 of them LR sweeps\) taking [\d.]+ min of training", report)
     for spec in specs.values():
         assert f"## {spec.title}" in report
@@ -178,7 +196,10 @@ def test_quick_study_report_comes_from_its_runs(tmp_path, capsys):
     assert {(arm["part"], arm["arm"]) for arm in claims["few_sample"]} == {
         (part, arm) for part in ("few_sample", "few_sample_lr1e-4") for arm in ("bert", "adamw")}
 
-    # a second invocation reuses every finished run and writes the same numbers
+    # a second invocation reuses every finished run and writes the same numbers, also runs that have
+    # no study-config.json (started by hand): their summary.json is checked instead
+    for run in ("decay/bert/seed0", "finetune/adamw/seed1"):
+        (out / "runs" / run / "study-config.json").unlink()
     assert main(["study", "--quick", "--out", str(out), "--claims-json", str(claims_path)]) == 0
     again = json.loads(claims_path.read_text())
     assert again["comparisons"] == claims["comparisons"] and again["few_sample"] == claims["few_sample"]

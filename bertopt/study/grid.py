@@ -134,6 +134,7 @@ def _check_reused(summary: dict, config, out_dir: Path) -> None:
         wanted = {**config.optim.settings(), "seed": config.run.seed, "batch_size": config.run.batch_size}
         if config.steps is not None:
             wanted["total_steps"] = config.steps
+        ran = {**ran, "total_steps": summary.get("total_steps")}  # the run's length is a summary field
         diff = [k for k in (*_SUMMARY_KEYS, "total_steps") if k in wanted and not _same(ran.get(k), wanted[k])]
     if diff:
         raise UsageError(f"{out_dir} holds a finished run whose settings differ from what this study asks for "
@@ -160,13 +161,15 @@ class _Lock:
         self.path = out_dir.with_name(out_dir.name + ".lock")
         self._fd: int | None = None
 
-    def acquire(self) -> bool:
+    def acquire(self, block: bool = False) -> bool:
+        """Take the lock; if another process holds it: False at once, or with ``block`` wait
+        until it is released (its holder finished or died)."""
         import fcntl
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if block else fcntl.LOCK_NB))
         except BlockingIOError:
             os.close(fd)
             return False
@@ -223,30 +226,31 @@ def run_one(spec: TaskSpec, variant: Variant, seed: int, lr: float, out_dir: Pat
     wait for it (``wait``) or return None; if it has not finished and ``train`` is False, None."""
     name = f"{spec.key}/{out_dir.parent.name}/seed{seed}"
     config = build_config(spec, variant, seed, lr, out_dir)
-    seconds, waiting = 0.0, False
-    while (summary := _result(out_dir)) is None:
-        if not train:
+    if not train and _result(out_dir) is None:
+        return None
+    seconds = 0.0
+    lock = _Lock(out_dir)
+    # Decide under the lock: a process still holding it may have written the run's summary
+    # but not yet its study-config.json.
+    if not lock.acquire():
+        if not wait or not train:
             return None
-        lock = _Lock(out_dir)
-        if not lock.acquire():
-            if not wait:
+        log(f"  {name}: waiting for the process that holds {lock.path.name} to finish it")
+        lock.acquire(block=True)  # returns the moment that process releases it (or dies)
+    try:
+        summary = _result(out_dir)
+        if summary is None:
+            if not train:
                 return None
-            if not waiting:
-                log(f"  {name}: waiting for the process that holds {lock.path.name} to finish it")
-                waiting = True
-            time.sleep(5)
-            continue
-        try:
-            if _result(out_dir) is None:  # not finished by another process meanwhile
-                seconds = _train(spec, config, out_dir, name)
-                summary = _result(out_dir)
-                if summary is None:
-                    raise StudyError(f"study run {name} wrote no complete summary in {out_dir}")
-                log(f"  {name:<34} lr {lr:<8.3g} " + ", ".join(
-                    f"{m.key} {float(summary.get(m.key, float('nan'))):.4f}" for m in spec.metrics)
-                    + (" DIVERGED" if "diverged" in summary else "") + f" ({seconds:.0f} s)")
-        finally:
-            lock.release()
+            seconds = _train(spec, config, out_dir, name)
+            summary = _result(out_dir)
+            if summary is None:
+                raise StudyError(f"study run {name} wrote no complete summary in {out_dir}")
+            log(f"  {name:<34} lr {lr:<8.3g} " + ", ".join(
+                f"{m.key} {float(summary.get(m.key, float('nan'))):.4f}" for m in spec.metrics)
+                + (" DIVERGED" if "diverged" in summary else "") + f" ({seconds:.0f} s)")
+    finally:
+        lock.release()
     if "diverged" not in summary:
         _check_reused(summary, config, out_dir)
     if not seconds:  # a finished run from earlier: its own wall time
