@@ -7,6 +7,8 @@ BertAdam: norm pass, reads g (4 bytes/param); update pass, reads p, g, m, v, wri
 (28); the whole step (32) as `bertopt bench` times it. LAMB (every tensor adapted): pass 1
 reads p, g, m, v and writes m, v (24); pass 2 reads p, m, v and writes p (16); the whole
 step (norm + both passes: 44, or less where pass 2 finds its inputs in the cache).
+Then the cost of a byte read and of a byte written, fitted to the single passes' times
+(``read_write_fit``): what each pass and step costs at those prices, and LAMB / BertAdam.
 """
 
 from __future__ import annotations
@@ -22,6 +24,36 @@ from bertopt.bench import harness
 from bertopt.bench.methods import FAST_PATH, LAMB_FAST_PATH, METHODS
 from bertopt.optim import _adam
 from bertopt.optim.native import build, kernels
+
+
+# Bytes per parameter each timed kernel reads and writes.
+READ_WRITE = {"probe": (8, 4), "norm-pass": (4, 0), "update-pass": (16, 12), "lamb-pass1": (16, 8),
+              "lamb-pass2": (12, 4), "step": (20, 12), "lamb-step": (32, 12)}
+SINGLE_PASSES = ("probe", "norm-pass", "update-pass", "lamb-pass1", "lamb-pass2")
+
+
+def read_write_fit(medians: dict[str, float], count: int) -> dict:
+    """Least-squares costs of a byte read and a byte written, from the single passes' median times.
+
+    The floors above charge every byte at the in-place add's rate; on a machine where writes are
+    cheaper than reads (writes drain in the background; a core's reads wait) that overstates a
+    write-heavy pass's floor and understates a read-heavy one's. The fit says how the passes'
+    times split, and so what LAMB (32 bytes read, 12 written) costs against BertAdam (20, 12)."""
+    import numpy as np
+
+    rows = np.array([READ_WRITE[n] for n in SINGLE_PASSES], dtype=float) * count
+    seconds = np.array([medians[n] for n in SINGLE_PASSES])
+    (read, write), *_ = np.linalg.lstsq(rows, seconds, rcond=None)
+    if write < 0:  # no cost is negative: then reads alone explain the times
+        write, read = 0.0, float(rows[:, 0] @ seconds / (rows[:, 0] @ rows[:, 0]))
+
+    def fitted(name):
+        r, w = READ_WRITE[name]
+        return (r * read + w * write) * count
+
+    return {"ns_per_read_byte": read * 1e9, "ns_per_write_byte": write * 1e9, "write_over_read": write / read,
+            "x_fitted": {n: medians[n] / fitted(n) for n in READ_WRITE},
+            "lamb_over_bertadam": fitted("lamb-step") / fitted("step")}
 
 
 def main(argv=None) -> int:
@@ -68,6 +100,11 @@ def main(argv=None) -> int:
         print(f"{name:<12} {summary[name]['median_ms']:8.1f} ms, floor {summary[name]['floor_ms']:7.1f} ms, "
               f"x floor (paired) {summary[name]['x_floor_paired']:.3f}")
     print(f"in-place add {summary['probe_GBps']:.1f} GB/s; load: {load}")
+    summary["read_write_fit"] = fit = read_write_fit({n: statistics.median(ts) for n, ts in times.items()}, t.count)
+    print(f"fit over the single passes: a read costs {fit['ns_per_read_byte']:.3f} ns/B, a write "
+          f"{fit['ns_per_write_byte']:.3f} ns/B ({fit['write_over_read']:.2f} of a read); "
+          + ", ".join(f"{n} {x:.3f}" for n, x in fit["x_fitted"].items())
+          + f"; LAMB/BertAdam at the fitted costs {fit['lamb_over_bertadam']:.3f}")
     if args.out:
         Path(args.out).write_text(json.dumps({
             "command": "python benchmarks/step_parts.py " + " ".join(argv or []), "size": args.size,

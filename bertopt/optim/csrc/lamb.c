@@ -12,7 +12,8 @@
    Nothing is written over the gradient and no workspace is needed; the extra sqrt and
    division cost compute, not memory. Unsharded tensors take both passes in one call
    (bertopt_lamb_step_f32), a cache-sized segment at a time, so that pass 2 finds p, m, v
-   still in the cache: the 44 bytes are an upper bound. Tensors that are not adapted
+   still in the cache: the 44 bytes are an upper bound, reached by tensors larger than the
+   cache (a tensor's pass 2 cannot start before its pass 1 ends). Tensors that are not adapted
    (r = 1) take pass 1 with the update applied directly: one pass, as Adam.
 
    Every float32 operation is the reference's (bertopt/optim/_lamb.py lamb_reference),
