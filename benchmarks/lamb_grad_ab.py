@@ -10,15 +10,11 @@ temporary directory; its float32 results are the same.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
-import json
 import statistics
 import tempfile
 from pathlib import Path
 from unittest import mock
-
-import torch
 
 from bertopt.bench import harness
 from bertopt.bench.methods import FAST_PATH, LAMB_FAST_PATH, METHODS
@@ -59,13 +55,7 @@ def variant_library(tmp: Path) -> ctypes.CDLL:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="bert-base")
-    parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = harness.script_arguments(__doc__, argv, reps=15)
     if build.library() is None:
         raise SystemExit(build.status())
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,11 +82,7 @@ def main(argv=None) -> int:
     for name, s in summary.items():
         print(f"{name:<18} {s['median_ms']:8.1f} ms   x BertAdam (paired) {s['vs_bertadam_paired']:.3f}")
     print(f"load: {load}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({
-            "command": "python benchmarks/lamb_grad_ab.py " + " ".join(argv or []), "size": args.size,
-            "threads": args.threads, "reps": args.reps, "load": load, "summary": summary, "times_s": times},
-            indent=1) + "\n")
+    harness.write_script_report(args, "lamb_grad_ab.py", argv, load=load, summary=summary, times_s=times)
     return 0
 
 

@@ -20,10 +20,7 @@ and reports medians and the median per-round ratio to BertAdam.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-from pathlib import Path
 
 import torch
 
@@ -44,13 +41,7 @@ def two_calls(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, h, cl
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="bert-base")
-    parser.add_argument("--reps", type=int, default=25)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--out", default=None, help="JSON file for the raw times and the summary")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = harness.script_arguments(__doc__, argv, reps=25)
     if build.library() is None:
         raise SystemExit(f"the LAMB kernel is unavailable: {build.status()}")
 
@@ -91,12 +82,8 @@ def main(argv=None) -> int:
     for name, s in summary.items():
         print(f"{name:<12} {s['median_ms']:8.1f} ms   x BertAdam (paired) {s['vs_bertadam_paired']:.3f}")
     print(f"load: {load}")
-    if args.out:
-        report = {"command": "python benchmarks/lamb_segments.py " + " ".join(argv or []),
-                  "size": args.size, "threads": args.threads, "reps": args.reps,
-                  "segment_numel": kernels.SEGMENT_NUMEL, "load": load,
-                  "summary": summary, "times_s": times}
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    harness.write_script_report(args, "lamb_segments.py", argv, segment_numel=kernels.SEGMENT_NUMEL, load=load,
+                                summary=summary, times_s=times)
     return 0
 
 

@@ -11,14 +11,10 @@ in-place add probe, and reports medians and the median per-round ratio to one st
 
 from __future__ import annotations
 
-import argparse
 import ctypes
-import json
 import statistics
 import tempfile
 from pathlib import Path
-
-import torch
 
 from bertopt.bench import harness
 from bertopt.optim.native import build, kernels
@@ -27,13 +23,7 @@ STREAMS = (1, 2, 4, 8)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="bert-base")
-    parser.add_argument("--reps", type=int, default=21)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--out", default=None, help="JSON file for the raw times and the summary")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = harness.script_arguments(__doc__, argv, reps=21)
     cc = build.find_compiler()
     if cc is None:
         raise SystemExit("no C compiler found")
@@ -65,11 +55,7 @@ def main(argv=None) -> int:
               f"{summary[name]['vs_one_stream_paired']:.3f}")
     print(f"norm floor (4 B/param at the in-place add's {summary['probe_GBps']:.1f} GB/s): "
           f"{summary['norm_floor_ms']:.1f} ms; load: {load}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({
-            "command": "python benchmarks/norm_streams.py " + " ".join(argv or []), "size": args.size,
-            "threads": args.threads, "reps": args.reps, "load": load, "summary": summary, "times_s": times},
-            indent=1) + "\n")
+    harness.write_script_report(args, "norm_streams.py", argv, load=load, summary=summary, times_s=times)
     return 0
 
 

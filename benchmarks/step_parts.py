@@ -13,10 +13,7 @@ Then the cost of a byte read and of a byte written, fitted to the single passes'
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
-from pathlib import Path
 
 import torch
 
@@ -57,13 +54,7 @@ def read_write_fit(medians: dict[str, float], count: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="bert-base")
-    parser.add_argument("--reps", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = harness.script_arguments(__doc__, argv, reps=15)
     lib = build.library()
     if lib is None:
         raise SystemExit(build.status())
@@ -105,11 +96,7 @@ def main(argv=None) -> int:
           f"{fit['ns_per_write_byte']:.3f} ns/B ({fit['write_over_read']:.2f} of a read); "
           + ", ".join(f"{n} {x:.3f}" for n, x in fit["x_fitted"].items())
           + f"; LAMB/BertAdam at the fitted costs {fit['lamb_over_bertadam']:.3f}")
-    if args.out:
-        Path(args.out).write_text(json.dumps({
-            "command": "python benchmarks/step_parts.py " + " ".join(argv or []), "size": args.size,
-            "threads": args.threads, "reps": args.reps, "load": load, "summary": summary, "times_s": times},
-            indent=1) + "\n")
+    harness.write_script_report(args, "step_parts.py", argv, load=load, summary=summary, times_s=times)
     return 0
 
 

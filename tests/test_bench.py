@@ -205,3 +205,49 @@ def test_bad_options_raise_clear_errors(argv, words, tmp_path, capsys):
     assert cli.main(["bench", "--out", str(tmp_path), *argv]) != 0  # without: a one-line error
     assert words in capsys.readouterr().err
     assert not (tmp_path / "bench.json").exists()
+
+
+def _benchmark_script(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_read_write_fit_recovers_the_costs_it_is_given():
+    step_parts = _benchmark_script("step_parts")
+    count = 1000
+    read, write = 2e-10, 3e-11  # seconds per byte
+
+    def seconds(name, slower=1.0):
+        r, w = step_parts.READ_WRITE[name]
+        return (r * read + w * write) * count * slower
+
+    medians = {name: seconds(name) for name in step_parts.READ_WRITE}
+    medians["lamb-step"] = seconds("lamb-step", slower=1.1)
+    fit = step_parts.read_write_fit(medians, count)
+    assert fit["ns_per_read_byte"] == pytest.approx(read * 1e9) and fit["ns_per_write_byte"] == pytest.approx(write * 1e9)
+    assert fit["x_fitted"]["update-pass"] == pytest.approx(1.0) and fit["x_fitted"]["lamb-step"] == pytest.approx(1.1)
+    assert fit["lamb_over_bertadam"] == pytest.approx((32 * read + 12 * write) / (20 * read + 12 * write))
+    # times that would fit a negative write cost are explained by reads alone
+    medians = {name: r * read * count * (0.8 if w else 1.0) for name, (r, w) in step_parts.READ_WRITE.items()}
+    fit = step_parts.read_write_fit(medians, count)
+    assert fit["ns_per_write_byte"] == 0.0 and fit["ns_per_read_byte"] > 0
+
+
+def test_benchmark_scripts_share_options_and_report(tmp_path):
+    args = harness.script_arguments("What it times.\n\nMore.", ["--size", "bert-tiny", "--threads", "1", "--out",
+                                                                 str(tmp_path / "r.json")], reps=7)
+    previous = torch.get_num_threads()
+    try:
+        assert (args.size, args.reps, args.threads, torch.get_num_threads()) == ("bert-tiny", 7, 1, 1)
+    finally:
+        torch.set_num_threads(previous)
+    harness.write_script_report(args, "x.py", ["--size", "bert-tiny"], summary={"a": 1})
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report == {"command": "python benchmarks/x.py --size bert-tiny", "size": "bert-tiny", "threads": 1,
+                      "reps": 7, "summary": {"a": 1}}

@@ -11,12 +11,15 @@ this add moves its 12.
 
 from __future__ import annotations
 
+import argparse
 import gc
+import json
 import math
 import os
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -188,3 +191,27 @@ def time_size(size_name: str, methods: list[Method], *, reps: int, min_reps: int
     del steps, tensors
     gc.collect()
     return {"times": times, "params": parameter_count(bert_parameter_shapes(size_by_name(size_name)))}
+
+
+# --- the scripts in benchmarks/ ---------------------------------------------------------------
+
+
+def script_arguments(doc: str, argv: list[str] | None, *, reps: int) -> argparse.Namespace:
+    """The options every script in ``benchmarks/`` takes, parsed; torch is set to ``--threads``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--size", default="bert-base", help="model shapes to time (default: bert-base)")
+    parser.add_argument("--reps", type=int, default=reps, help=f"rounds of interleaved timing (default: {reps})")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="threads for torch and the native kernels (default: torch's)")
+    parser.add_argument("--out", default=None, help="JSON file for the raw times and the summary")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def write_script_report(args: argparse.Namespace, script: str, argv: list[str] | None, **fields) -> None:
+    """With ``--out``: the command that made the file, the common options, then ``fields``, as JSON."""
+    if args.out:
+        report = {"command": f"python benchmarks/{script} " + " ".join(argv or []), "size": args.size,
+                  "threads": args.threads, "reps": args.reps, **fields}
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
