@@ -75,26 +75,31 @@ def _busy_seconds() -> float | None:
 
 
 class Load:
-    """Load average, and the share of the CPUs used by other processes, around one child run."""
+    """Load average, and the share of the CPUs used by other processes, around one measurement:
+    a child run or, for --profile, this process's own work (both count as ours)."""
 
     def __init__(self):
         self.loadavg_before = os.getloadavg()[0]
         self.busy = _busy_seconds()
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        self.children = usage.ru_utime + usage.ru_stime
+        self.own = _own_cpu_seconds()
         self.start = time.perf_counter()
 
     def stop(self) -> dict:
         wall = time.perf_counter() - self.start
-        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-        own = usage.ru_utime + usage.ru_stime - self.children
+        own = _own_cpu_seconds() - self.own
         busy = _busy_seconds()
         other = None
         if busy is not None and self.busy is not None and wall > 0:
             other = round(max(0.0, busy - self.busy - own) / (wall * (os.cpu_count() or 1)), 3)
         return {"wall_s": round(wall, 1), "loadavg_before": round(self.loadavg_before, 2),
                 "loadavg_after": round(os.getloadavg()[0], 2), "other_processes_cpu_share": other,
-                "child_cpu_s": round(own, 1)}
+                "own_cpu_s": round(own, 1)}
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children."""
+    mine, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return mine.ru_utime + mine.ru_stime + children.ru_utime + children.ru_stime
 
 
 # --- the two contenders --------------------------------------------------------------------------

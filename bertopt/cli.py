@@ -56,6 +56,12 @@ def _adder(group, section: str, defaults):
     return add
 
 
+def _bias_correction_default(optim) -> str:
+    if optim.bias_correction is None:
+        return "the optimizer's own: off for adam, as BERT; on for lamb"
+    return f"{'on' if optim.bias_correction else 'off'}, from docs/study.md"
+
+
 def _optim_and_run_flags(parser: argparse.ArgumentParser, defaults) -> None:
     optim, run = defaults.optim, defaults.run
     group = parser.add_argument_group("optimization")
@@ -75,9 +81,7 @@ def _optim_and_run_flags(parser: argparse.ArgumentParser, defaults) -> None:
     add("--weight-decay-mode", choices=WEIGHT_DECAY_MODES,
         help="decoupled: update += wd * param, as BERT; l2: wd * param added to the gradient")
     add("--bias-correction", action=argparse.BooleanOptionalAction,
-        help="Adam bias correction; --bias-correction makes BertAdam AdamW (default: "
-             + ("the optimizer's own: off for adam, as BERT; on for lamb)" if optim.bias_correction is None else
-                f"{'on' if optim.bias_correction else 'off'}, from docs/study.md)"))
+        help=f"Adam bias correction; --bias-correction makes BertAdam AdamW (default: {_bias_correction_default(optim)})")
     add("--max-grad-norm", type=float, help="clip gradients to this global norm; 0 disables")
     add = _adder(group, "run", run)
     add("--on-nonfinite", choices=NONFINITE_POLICIES,
