@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     for name, s in summary.items():
         print(f"{name:<12} {s['median_ms']:8.1f} ms   x BertAdam (paired) {s['vs_bertadam_paired']:.3f}")
     print(f"load: {load}")
-    harness.write_script_report(args, "lamb_segments.py", argv, segment_numel=kernels.SEGMENT_NUMEL, load=load,
+    harness.write_script_report(args, __file__, argv, segment_numel=kernels.SEGMENT_NUMEL, load=load,
                                 summary=summary, times_s=times)
     return 0
 

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
               f"{summary[name]['vs_one_stream_paired']:.3f}")
     print(f"norm floor (4 B/param at the in-place add's {summary['probe_GBps']:.1f} GB/s): "
           f"{summary['norm_floor_ms']:.1f} ms; load: {load}")
-    harness.write_script_report(args, "norm_streams.py", argv, load=load, summary=summary, times_s=times)
+    harness.write_script_report(args, __file__, argv, load=load, summary=summary, times_s=times)
     return 0
 
 

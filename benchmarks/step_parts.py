@@ -29,8 +29,22 @@ READ_WRITE = {"probe": (8, 4), "norm-pass": (4, 0), "update-pass": (16, 12), "la
 SINGLE_PASSES = ("probe", "norm-pass", "update-pass", "lamb-pass1", "lamb-pass2")
 
 
-def read_write_fit(medians: dict[str, float], count: int) -> dict:
-    """Least-squares costs of a byte read and a byte written, from the single passes' median times.
+def _least_squares(medians: dict[str, float], count: int) -> tuple[float, float, float]:
+    """(read, write, unconstrained write) seconds per byte fitted to the single passes; a write
+    cost that comes out negative is set to 0 and the reads alone refitted (no cost is negative)."""
+    import numpy as np
+
+    rows = np.array([READ_WRITE[n] for n in SINGLE_PASSES], dtype=float) * count
+    seconds = np.array([medians[n] for n in SINGLE_PASSES])
+    (read, write), *_ = np.linalg.lstsq(rows, seconds, rcond=None)
+    if write >= 0:
+        return float(read), float(write), float(write)
+    return float(rows[:, 0] @ seconds / (rows[:, 0] @ rows[:, 0])), 0.0, float(write)
+
+
+def read_write_fit(times: dict[str, list[float]], count: int, resamples: int = 2000) -> dict:
+    """Costs of a byte read and a byte written, fitted to the single passes' median times, with
+    90% intervals from resampling the rounds (each round timed every kernel once).
 
     The floors above charge every byte at the in-place add's rate; on a machine where writes are
     cheaper than reads (writes drain in the background; a core's reads wait) that overstates a
@@ -38,19 +52,28 @@ def read_write_fit(medians: dict[str, float], count: int) -> dict:
     times split, and so what LAMB (32 bytes read, 12 written) costs against BertAdam (20, 12)."""
     import numpy as np
 
-    rows = np.array([READ_WRITE[n] for n in SINGLE_PASSES], dtype=float) * count
-    seconds = np.array([medians[n] for n in SINGLE_PASSES])
-    (read, write), *_ = np.linalg.lstsq(rows, seconds, rcond=None)
-    if write < 0:  # no cost is negative: then reads alone explain the times
-        write, read = 0.0, float(rows[:, 0] @ seconds / (rows[:, 0] @ rows[:, 0]))
-
-    def fitted(name):
+    def fitted(read, write, name):
         r, w = READ_WRITE[name]
         return (r * read + w * write) * count
 
+    def ratios(medians):
+        read, write, unconstrained = _least_squares(medians, count)
+        return unconstrained / read, fitted(read, write, "lamb-step") / fitted(read, write, "step")
+
+    medians = {n: statistics.median(times[n]) for n in READ_WRITE}
+    read, write, unconstrained = _least_squares(medians, count)
+    rounds = min(len(times[n]) for n in READ_WRITE)
+    columns = {n: np.asarray(times[n][:rounds]) for n in READ_WRITE}
+    rng = np.random.default_rng(0)
+    draws = np.array([ratios({n: float(np.median(c[picked])) for n, c in columns.items()})
+                      for picked in (rng.integers(0, rounds, rounds) for _ in range(resamples))])
+    interval = np.percentile(draws, [5, 95], axis=0)
     return {"ns_per_read_byte": read * 1e9, "ns_per_write_byte": write * 1e9, "write_over_read": write / read,
-            "x_fitted": {n: medians[n] / fitted(n) for n in READ_WRITE},
-            "lamb_over_bertadam": fitted("lamb-step") / fitted("step")}
+            "write_over_read_unconstrained": unconstrained / read, "write_cost_clamped_to_zero": unconstrained < 0,
+            "write_over_read_unconstrained_90": interval[:, 0].tolist(),
+            "x_fitted": {n: medians[n] / fitted(read, write, n) for n in READ_WRITE},
+            "lamb_over_bertadam": fitted(read, write, "lamb-step") / fitted(read, write, "step"),
+            "lamb_over_bertadam_90": interval[:, 1].tolist()}
 
 
 def main(argv=None) -> int:
@@ -79,8 +102,7 @@ def main(argv=None) -> int:
     times = harness.interleaved_times(steps, {n: args.reps for n in steps})
     load = monitor.stop()
     probe = times["probe"]
-    bytes_per_param = {"norm-pass": 4, "update-pass": 28, "step": 32, "lamb-pass1": 24, "lamb-pass2": 16,
-                       "lamb-step": 44}
+    bytes_per_param = {name: r + w for name, (r, w) in READ_WRITE.items() if name != "probe"}
     summary = {"probe_GBps": 12 * t.count / statistics.median(probe) / 1e9}
     for name, b in bytes_per_param.items():
         summary[name] = {
@@ -91,12 +113,15 @@ def main(argv=None) -> int:
         print(f"{name:<12} {summary[name]['median_ms']:8.1f} ms, floor {summary[name]['floor_ms']:7.1f} ms, "
               f"x floor (paired) {summary[name]['x_floor_paired']:.3f}")
     print(f"in-place add {summary['probe_GBps']:.1f} GB/s; load: {load}")
-    summary["read_write_fit"] = fit = read_write_fit({n: statistics.median(ts) for n, ts in times.items()}, t.count)
+    summary["read_write_fit"] = fit = read_write_fit(times, t.count)
+    low, high = fit["write_over_read_unconstrained_90"]
     print(f"fit over the single passes: a read costs {fit['ns_per_read_byte']:.3f} ns/B, a write "
-          f"{fit['ns_per_write_byte']:.3f} ns/B ({fit['write_over_read']:.2f} of a read); "
+          f"{fit['ns_per_write_byte']:.3f} ns/B ({fit['write_over_read_unconstrained']:.2f} of a read, 90% "
+          f"{low:.2f}..{high:.2f}{'; negative: taken as 0' if fit['write_cost_clamped_to_zero'] else ''}); "
           + ", ".join(f"{n} {x:.3f}" for n, x in fit["x_fitted"].items())
-          + f"; LAMB/BertAdam at the fitted costs {fit['lamb_over_bertadam']:.3f}")
-    harness.write_script_report(args, "step_parts.py", argv, load=load, summary=summary, times_s=times)
+          + f"; LAMB/BertAdam at the fitted costs {fit['lamb_over_bertadam']:.3f} "
+          f"(90% {fit['lamb_over_bertadam_90'][0]:.2f}..{fit['lamb_over_bertadam_90'][1]:.2f})")
+    harness.write_script_report(args, __file__, argv, load=load, summary=summary, times_s=times)
     return 0
 
 

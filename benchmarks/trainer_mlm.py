@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -64,42 +63,21 @@ def prepare(cache_dir: Path):
 # --- machine load -------------------------------------------------------------------------------
 
 
-def _busy_seconds() -> float | None:
-    """CPU seconds all processes have spent so far (user+nice+system+irq+softirq+steal), Linux."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-        ticks = [int(x) for x in fields]
-        return (ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6] + ticks[7]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 class Load:
-    """Load average, and the share of the CPUs used by other processes, around one measurement:
-    a child run or, for --profile, this process's own work (both count as ours)."""
+    """bertopt.bench.harness.LoadMonitor around one measurement (a child run, or --profile's own
+    work; both count as ours), its fields named as this script's results have them."""
 
     def __init__(self):
-        self.loadavg_before = os.getloadavg()[0]
-        self.busy = _busy_seconds()
-        self.own = _own_cpu_seconds()
-        self.start = time.perf_counter()
+        from bertopt.bench.harness import LoadMonitor
+
+        self.monitor = LoadMonitor()
 
     def stop(self) -> dict:
-        wall = time.perf_counter() - self.start
-        own = _own_cpu_seconds() - self.own
-        busy = _busy_seconds()
-        other = None
-        if busy is not None and self.busy is not None and wall > 0:
-            other = round(max(0.0, busy - self.busy - own) / (wall * (os.cpu_count() or 1)), 3)
-        return {"wall_s": round(wall, 1), "loadavg_before": round(self.loadavg_before, 2),
-                "loadavg_after": round(os.getloadavg()[0], 2), "other_processes_cpu_share": other,
-                "own_cpu_s": round(own, 1)}
-
-
-def _own_cpu_seconds() -> float:
-    """CPU seconds of this process and of its finished children."""
-    mine, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return mine.ru_utime + mine.ru_stime + children.ru_utime + children.ru_stime
+        load = self.monitor.stop()
+        before, after = load["loadavg_before"], load["loadavg_after"]
+        return {"wall_s": round(load["wall_seconds"], 1), "loadavg_before": before[0] if before else None,
+                "loadavg_after": after[0] if after else None,
+                "other_processes_cpu_share": load["other_processes_cpu_share"]}
 
 
 # --- the two contenders --------------------------------------------------------------------------
@@ -473,7 +451,7 @@ def profile(args) -> dict:
         per["total"] = sum(per.values())
     return {"command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO), *args.argv]),
             "steps_timed": steps, "warmup_steps": args.profile_warmup, "threads": THREADS,
-            "median_seconds": medians, "versions": versions(), "load": load.stop() | {"loadavg_after": os.getloadavg()[0]},
+            "median_seconds": medians, "versions": versions(), "load": load.stop(),
             "positions_through_head": {"bertopt": "masked only (~15%, 19 of 126 per row)",
                                        "trainer_recipe": f"all {BATCH * SEQ_LEN}"}}
 

@@ -227,16 +227,29 @@ def test_read_write_fit_recovers_the_costs_it_is_given():
         r, w = step_parts.READ_WRITE[name]
         return (r * read + w * write) * count * slower
 
-    medians = {name: seconds(name) for name in step_parts.READ_WRITE}
-    medians["lamb-step"] = seconds("lamb-step", slower=1.1)
-    fit = step_parts.read_write_fit(medians, count)
+    # three rounds that agree: the intervals collapse onto the point
+    times = {name: [seconds(name)] * 3 for name in step_parts.READ_WRITE}
+    times["lamb-step"] = [seconds("lamb-step", slower=1.1)] * 3
+    fit = step_parts.read_write_fit(times, count, resamples=50)
     assert fit["ns_per_read_byte"] == pytest.approx(read * 1e9) and fit["ns_per_write_byte"] == pytest.approx(write * 1e9)
     assert fit["x_fitted"]["update-pass"] == pytest.approx(1.0) and fit["x_fitted"]["lamb-step"] == pytest.approx(1.1)
     assert fit["lamb_over_bertadam"] == pytest.approx((32 * read + 12 * write) / (20 * read + 12 * write))
-    # times that would fit a negative write cost are explained by reads alone
-    medians = {name: r * read * count * (0.8 if w else 1.0) for name, (r, w) in step_parts.READ_WRITE.items()}
-    fit = step_parts.read_write_fit(medians, count)
-    assert fit["ns_per_write_byte"] == 0.0 and fit["ns_per_read_byte"] > 0
+    assert fit["lamb_over_bertadam_90"] == pytest.approx([fit["lamb_over_bertadam"]] * 2)
+    assert fit["write_over_read_unconstrained_90"] == pytest.approx([write / read] * 2)
+    assert not fit["write_cost_clamped_to_zero"]
+    # times that would fit a negative write cost: the write cost is 0 and reads alone are fitted
+    times = {name: [r * read * count * (0.8 if w else 1.0)] * 3 for name, (r, w) in step_parts.READ_WRITE.items()}
+    fit = step_parts.read_write_fit(times, count, resamples=50)
+    reads = [step_parts.READ_WRITE[n][0] * count for n in step_parts.SINGLE_PASSES]
+    least_squares_read = sum(r * times[n][0] for r, n in zip(reads, step_parts.SINGLE_PASSES)) / sum(r * r for r in reads)
+    assert fit["write_cost_clamped_to_zero"] and fit["write_over_read_unconstrained"] < 0
+    assert fit["ns_per_write_byte"] == 0.0 and fit["ns_per_read_byte"] == pytest.approx(least_squares_read * 1e9)
+    assert fit["lamb_over_bertadam"] == pytest.approx(32 / 20)
+    # rounds that disagree give an interval around the point
+    times = {name: [seconds(name, slower=1 + 0.05 * k) for k in (0, 1, 2, 3)] for name in step_parts.READ_WRITE}
+    fit = step_parts.read_write_fit(times, count, resamples=200)
+    low, high = fit["lamb_over_bertadam_90"]
+    assert low <= fit["lamb_over_bertadam"] <= high
 
 
 def test_benchmark_scripts_share_options_and_report(tmp_path):
@@ -247,7 +260,7 @@ def test_benchmark_scripts_share_options_and_report(tmp_path):
         assert (args.size, args.reps, args.threads, torch.get_num_threads()) == ("bert-tiny", 7, 1, 1)
     finally:
         torch.set_num_threads(previous)
-    harness.write_script_report(args, "x.py", ["--size", "bert-tiny"], summary={"a": 1})
+    harness.write_script_report(args, "/somewhere/benchmarks/x.py", ["--size", "bert-tiny"], summary={"a": 1})
     report = json.loads((tmp_path / "r.json").read_text())
     assert report == {"command": "python benchmarks/x.py --size bert-tiny", "size": "bert-tiny", "threads": 1,
                       "reps": 7, "summary": {"a": 1}}

@@ -76,12 +76,26 @@ def test_run_lock_is_exclusive_between_processes_and_dropped_when_its_holder_die
         "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR); "
         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"), str(mine.path)],
         stdout=subprocess.PIPE, text=True)
+    import threading
+
+    waiter, got = _Lock(tmp_path / "seed0"), []
     try:
         assert holder.stdout.readline().strip() == "locked"
         assert not _Lock(tmp_path / "seed0").acquire()
+        assert _Lock(tmp_path / "seed0").held() and not _Lock(tmp_path / "seed1").held()
+        # a process that must wait blocks on the lock and has it the moment the holder is gone
+        thread = threading.Thread(target=lambda: got.append(waiter.acquire(block=True)), daemon=True)
+        thread.start()
+        thread.join(0.5)
+        assert got == []
     finally:
         holder.kill()
         holder.wait()
+    thread.join(10)
+    assert got == [True]
+    assert _Lock(tmp_path / "seed0").held()  # by the waiter now
+    waiter.release()
+    assert not _Lock(tmp_path / "seed0").held()
     assert mine.acquire()
     mine.release()
 
@@ -111,12 +125,17 @@ def test_quick_study_report_comes_from_its_runs(tmp_path, capsys):
 
     out = tmp_path / "study"
     claims_path = tmp_path / "claims.json"
-    helper = subprocess.Popen([sys.executable, "-m", "bertopt", "study", "--quick", "--out", str(out), "--no-report"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(tmp_path / "helper.out", "w") as stdout, open(tmp_path / "helper.err", "w") as stderr:
+        helper = subprocess.Popen([sys.executable, "-m", "bertopt", "study", "--quick", "--out", str(out),
+                                   "--no-report"], stdout=stdout, stderr=stderr)
     try:
         assert main(["study", "--quick", "--out", str(out), "--claims-json", str(claims_path)]) == 0
+        helper.wait(timeout=600)
     finally:
-        helper_out, helper_err = helper.communicate(timeout=600)
+        if helper.poll() is None:
+            helper.kill()
+            helper.wait()
+    helper_out, helper_err = (tmp_path / "helper.out").read_text(), (tmp_path / "helper.err").read_text()
     assert helper.returncode == 0, helper_err
     report = (out / "report.md").read_text()
     specs = {s.key: s for s in task_specs(quick=True)}
@@ -305,3 +324,43 @@ def test_report_only_trains_nothing_and_leaves_out_unfinished_parts(tmp_path, ca
     claims = json.loads((out / "study-claims.json").read_text())
     assert claims["comparisons"] == [] and claims["large_batch"] == []
     assert "## Decoupled decay vs L2 (quick)" in (out / "report.md").read_text()
+
+
+def test_a_run_whose_holder_has_not_written_its_settings_is_not_read_yet(tmp_path):
+    """Between a run's summary.json and its study-config.json, another process must not take the
+    run as finished (it would check the summary alone): --report-only leaves it out, a training
+    study waits for the lock. A hand-made run (no settings file, no holder) is read."""
+    import subprocess
+    import sys
+
+    from bertopt.study.command import task_specs
+    from bertopt.study.grid import SETTINGS, _Lock, run_one
+    from bertopt.study.variants import BY_NAME
+
+    spec = next(s for s in task_specs(quick=True) if s.key == "decay")
+    run = tmp_path / "runs" / "decay" / "bert" / "seed0"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({
+        "steps_completed": spec.steps, "total_steps": spec.steps, "stopped_by": None, "eval_loss": 7.0,
+        "eval_accuracy": 0.1, "run": {**BY_NAME["bert"].optim(spec.lr).settings(), "seed": 0,
+                                      "batch_size": spec.batch_size}}))
+    lines = []
+
+    def read(**kw):
+        return run_one(spec, BY_NAME["bert"], 0, spec.lr, run, log=lines.append, **kw)
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)"), str(_Lock(run).path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert read(train=False) is None  # held, no settings yet: not finished
+        assert read(wait=False) is None  # a training study skips it for now
+        assert not (run / SETTINGS).exists() and lines == []
+    finally:
+        holder.kill()
+        holder.wait()
+    record = read(train=False)  # nobody holds it: a hand-made run, checked by its summary
+    assert record is not None and record.summary["eval_loss"] == 7.0
+    assert read(wait=False).summary["eval_loss"] == 7.0 and not (run / SETTINGS).exists()

@@ -210,8 +210,9 @@ def script_arguments(doc: str, argv: list[str] | None, *, reps: int) -> argparse
 
 
 def write_script_report(args: argparse.Namespace, script: str, argv: list[str] | None, **fields) -> None:
-    """With ``--out``: the command that made the file, the common options, then ``fields``, as JSON."""
+    """With ``--out``: the command that made the file (``script``: the script's ``__file__``), the
+    common options, then ``fields``, as JSON."""
     if args.out:
-        report = {"command": f"python benchmarks/{script} " + " ".join(argv or []), "size": args.size,
+        report = {"command": f"python benchmarks/{Path(script).name} " + " ".join(argv or []), "size": args.size,
                   "threads": args.threads, "reps": args.reps, **fields}
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")

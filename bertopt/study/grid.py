@@ -125,7 +125,7 @@ _SUMMARY_KEYS = ("optimizer", "lr", "weight_decay", "weight_decay_mode", "bias_c
 
 def _check_reused(summary: dict, config, out_dir: Path) -> None:
     """A finished run is reused only if it is the run asked for: a study edited since must not mix settings."""
-    saved = out_dir / "study-config.json"
+    saved = out_dir / SETTINGS
     if saved.exists():
         have, want = _flat(json.loads(saved.read_text())), _flat(_fingerprint(config))
         diff = sorted(k for k in set(have) | set(want) if not _same(have.get(k), want.get(k)))
@@ -153,9 +153,10 @@ def _same(a, b) -> bool:
 
 
 class _Lock:
-    """An exclusive ``flock`` on ``<run dir>.lock``, held while this process trains that run. The
-    kernel drops it when the process dies, so a killed study never leaves a run locked; the file
-    itself stays (unlinking it would let a second process lock a new file of the same name)."""
+    """An exclusive ``flock`` on ``<run dir>.lock``, held while a process decides whether to train
+    that run and while it trains it. The kernel drops it when the process dies, so a killed study
+    never leaves a run locked; the file itself stays (unlinking it would let a second process lock
+    a new file of the same name)."""
 
     def __init__(self, out_dir: Path):
         self.path = out_dir.with_name(out_dir.name + ".lock")
@@ -173,10 +174,30 @@ class _Lock:
         except BlockingIOError:
             os.close(fd)
             return False
+        except BaseException:  # e.g. SIGTERM while waiting
+            os.close(fd)
+            raise
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for a person looking
         self._fd = fd
         return True
+
+    def held(self) -> bool:
+        """Whether a process holds the lock now: a shared probe on a read-only descriptor, so it
+        needs no write access and creates nothing (for --report-only)."""
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)  # drops the probe
 
     def release(self) -> None:
         if self._fd is not None:
@@ -185,6 +206,7 @@ class _Lock:
 
 
 DIVERGED = "study-diverged.json"
+SETTINGS = "study-config.json"  # the run's settings, written after its summary: a run is complete with it
 
 
 def _diverged_summary(out_dir: Path) -> dict | None:
@@ -211,7 +233,7 @@ def _train(spec: TaskSpec, config, out_dir: Path, name: str) -> float:
         (out_dir / DIVERGED).write_text(json.dumps(diverged, indent=1) + "\n")
     elif code != 0:
         raise StudyError(f"study run {name} failed (exit {code}): {message[-1500:] or captured.getvalue()[-1500:]}")
-    (out_dir / "study-config.json").write_text(json.dumps(_fingerprint(config), indent=1) + "\n")
+    (out_dir / SETTINGS).write_text(json.dumps(_fingerprint(config), indent=1) + "\n")
     return time.perf_counter() - start
 
 
@@ -226,31 +248,32 @@ def run_one(spec: TaskSpec, variant: Variant, seed: int, lr: float, out_dir: Pat
     wait for it (``wait``) or return None; if it has not finished and ``train`` is False, None."""
     name = f"{spec.key}/{out_dir.parent.name}/seed{seed}"
     config = build_config(spec, variant, seed, lr, out_dir)
-    if not train and _result(out_dir) is None:
-        return None
     seconds = 0.0
-    lock = _Lock(out_dir)
-    # Decide under the lock: a process still holding it may have written the run's summary
-    # but not yet its study-config.json.
-    if not lock.acquire():
-        if not wait or not train:
-            return None
-        log(f"  {name}: waiting for the process that holds {lock.path.name} to finish it")
-        lock.acquire(block=True)  # returns the moment that process releases it (or dies)
-    try:
+    if not train:  # --report-only: only read; never lock for writing, never wait
         summary = _result(out_dir)
-        if summary is None:
-            if not train:
+        if summary is None or (not (out_dir / SETTINGS).exists() and _Lock(out_dir).held()):
+            return None  # unfinished, or its process has not written the run's settings yet
+    else:
+        # Decide under the lock: the process holding it may have written the run's summary
+        # but not yet its settings.
+        lock = _Lock(out_dir)
+        if not lock.acquire():
+            if not wait:
                 return None
-            seconds = _train(spec, config, out_dir, name)
+            log(f"  {name}: waiting for the process that holds {lock.path.name} to finish it")
+            lock.acquire(block=True)  # returns the moment that process releases it (or dies)
+        try:
             summary = _result(out_dir)
             if summary is None:
-                raise StudyError(f"study run {name} wrote no complete summary in {out_dir}")
-            log(f"  {name:<34} lr {lr:<8.3g} " + ", ".join(
-                f"{m.key} {float(summary.get(m.key, float('nan'))):.4f}" for m in spec.metrics)
-                + (" DIVERGED" if "diverged" in summary else "") + f" ({seconds:.0f} s)")
-    finally:
-        lock.release()
+                seconds = _train(spec, config, out_dir, name)
+                summary = _result(out_dir)
+                if summary is None:
+                    raise StudyError(f"study run {name} wrote no complete summary in {out_dir}")
+                log(f"  {name:<34} lr {lr:<8.3g} " + ", ".join(
+                    f"{m.key} {float(summary.get(m.key, float('nan'))):.4f}" for m in spec.metrics)
+                    + (" DIVERGED" if "diverged" in summary else "") + f" ({seconds:.0f} s)")
+        finally:
+            lock.release()
     if "diverged" not in summary:
         _check_reused(summary, config, out_dir)
     if not seconds:  # a finished run from earlier: its own wall time
