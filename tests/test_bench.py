@@ -96,8 +96,8 @@ def test_derived_figures_follow_their_definitions():
     # LAMB against BertAdam: medians 11.7 / 9 ms = 1.30; per round 1.3, 1.5, 1.08 -> 1.3
     lamb = r["lamb_vs_bertadam"]
     assert math.isclose(lamb["ratio"], 0.0117 / 0.009) and math.isclose(lamb["ratio_paired"], 0.0117 / 0.009)
-    assert lamb["target"] == 1.35 and math.isclose(lamb["byte_ratio"], 44 / 32)
-    assert "meets the target <= 1.35x" in text
+    assert lamb["target"] == 1.35 and math.isclose(lamb["byte_ratio"], 44 / 32) and lamb["read_ratio"] == 32 / 20
+    assert "meets the target <= 1.35x; bytes moved 1.375x, bytes read 1.600x" in text
     raw["times"][LAMB_FAST_PATH] = [0.015, 0.016, 0.014]  # 1.67, 2.0, 1.4 -> 1.67
     assert "misses the target" in results.table(results.analyse_size("bert-h32", raw))
 

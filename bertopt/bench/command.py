@@ -211,7 +211,8 @@ def run(args) -> int:
                 "ratio_to_floor": "median step time / floor_s",
                 "speedup_vs_torch_fused": "median of torch-adamw-fused / median of the method",
                 "lamb_vs_bertadam": "bertopt-lamb-fused / bertopt-fused: ratio of medians and median of "
-                                    "per-round ratios (target <= 1.35); byte_ratio = 44 / 32 bytes per parameter",
+                                    "per-round ratios (target <= 1.35); byte_ratio = 44 / 32 bytes per parameter moved, "
+                                    "read_ratio = 32 / 20 bytes read",
                 "fast_path_vs_peers": "peer / bertopt-fused: ratio of medians and median of per-round ratios",
             },
         },

@@ -15,7 +15,7 @@ PARTS = ("finetune", "few_sample", "few_sample_lr1e-4", "large_batch", "decay")
 
 def task_specs(quick: bool):
     """The study's parts. Full: about four hours of a 2-core machine (two runs side by side, one
-    thread each); quick: about a minute, to check the machinery, not the claims."""
+    thread each); quick: about 2.5 minutes of one core, to check the machinery, not the claims."""
     from bertopt.study.grid import Metric, TaskSpec
 
     mlm = (Metric("eval_loss", "held-out MLM loss", False), Metric("eval_accuracy", "held-out MLM accuracy", True))
@@ -82,7 +82,7 @@ def task_specs(quick: bool):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="tiny runs (about a minute): checks the machinery, not the claims")
+    parser.add_argument("--quick", action="store_true", help="tiny runs (about 2.5 minutes): checks the machinery, not the claims")
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=PARTS, help="which parts to run (default: all)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per variant (default: each part's own)")
     parser.add_argument("--variants", nargs="+", default=None, metavar="NAME",
