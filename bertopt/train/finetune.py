@@ -140,6 +140,55 @@ def load_model(source: ModelSource, label_names: list[str]):
     return model, tokenizer, sorted(result.missing_keys)
 
 
+def classification_objective(model):
+    """A module with the parameters (and names) of ``model``, a BertForSequenceClassification, whose
+    forward returns the logits. Only [CLS]'s final hidden state reaches the classifier, so the last
+    layer runs its queries, attention output and feed-forward there alone (keys and values at every
+    token, padding masked): the same logits and gradients as the full forward
+    (``tests/train/test_finetune_objective.py``); MiniLM-L6's default run trains 1.17x faster (README).
+    Other architectures, or attention this does not reproduce (relative positions, other
+    kernels), get ``model`` itself back."""
+    import torch
+    from transformers import BertForSequenceClassification
+
+    from bertopt.train.pretrain import _prunable, last_layer_at
+
+    config = model.config
+    if not (isinstance(model, BertForSequenceClassification) and model.bert.pooler is not None
+            and getattr(config, "position_embedding_type", "absolute") == "absolute"
+            and getattr(config, "_attn_implementation", "eager") in ("eager", "sdpa")):
+        return model
+
+    class ClassificationObjective(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = model.bert  # same submodules: the names (bert.*, classifier.*) of model
+            self.dropout = model.dropout
+            self.classifier = model.classifier
+
+        def forward(self, input_ids, attention_mask):
+            layers = self.bert.encoder.layer
+            if not _prunable(layers[-1]):  # FSDP2 unshards a block only when its own forward runs
+                pooled = self.bert(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+                return self.classifier(self.dropout(pooled))
+            hidden = self.bert.embeddings(input_ids=input_ids)
+            # BERT's additive mask: 0 at tokens, the dtype's minimum at padding
+            additive = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+            for layer in layers[:-1]:
+                out = layer(hidden, attention_mask=additive)
+                hidden = out[0] if isinstance(out, tuple) else out  # transformers 4.x returns a tuple
+            rows = torch.arange(len(input_ids), device=input_ids.device)
+            first = last_layer_at(layers[-1], hidden, rows, torch.zeros_like(rows), key_mask=attention_mask)
+            return self.classifier(self.dropout(self.bert.pooler(first[:, None, :])))
+
+    return ClassificationObjective()
+
+
+def _logits(output):
+    """The logits of a classification objective (a tensor) or of a transformers model (an output)."""
+    return getattr(output, "logits", output)
+
+
 # ---------------------------------------------------------------------------------------------
 # The task the shared loop trains
 
@@ -201,7 +250,7 @@ class ClassificationTask:
 
         from bertopt.train.loop import StepOutput
 
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = _logits(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
         labels = batch["labels"]
         loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
         correct = (logits.argmax(-1) == labels).sum().item()
@@ -215,7 +264,7 @@ class ClassificationTask:
         loss_sum, correct = 0.0, 0
         for rows in self.fd.eval_batches(split.lengths, self.eval_batch_size):
             batch = self._collate(split, rows)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = _logits(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
             loss_sum += float(F.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
             correct += int((logits.argmax(-1) == batch["labels"]).sum())
         return {f"{prefix}_loss": loss_sum / len(split), f"{prefix}_accuracy": correct / len(split)}
@@ -293,7 +342,8 @@ def build_job(config: FinetuneConfig, ctx, log):
             f"(test loss {summary.get('test_loss', float('nan')):.4f}); {summary['wall_time_s']:.0f} s; "
             f"fine-tuned model in {summary.get('model_dir')}; report in {out}/summary.json")
 
-    return Job(model=model, task=task, total_steps=total_steps, title="finetune", run_info=run_info,
+    return Job(model=classification_objective(model), task=task, total_steps=total_steps, title="finetune",
+               run_info=run_info,
                resume_must_match=(*RESUME_SETTINGS, *optim.settings(), "batch_size", "seed"), export=export,
                finish=task.evaluate_test, plot_eval_loss="dev_loss", plot_eval_metric="dev_accuracy",
                eval_every=eval_every, report=report)

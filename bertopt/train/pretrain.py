@@ -85,10 +85,11 @@ def _prunable(layer) -> bool:
     return not isinstance(layer, FSDPModule)
 
 
-def last_layer_at(layer, hidden, rows, cols):
+def last_layer_at(layer, hidden, rows, cols, key_mask=None):
     """A BertLayer's output at the positions (rows, cols) of ``hidden`` [batch, seq, width]: queries
-    from those positions, keys and values from every position of their row, then the layer's own
-    attention-output and feed-forward modules on the selected positions only."""
+    from those positions, keys and values from every position of their row (where ``key_mask``
+    [batch, seq], if given, is nonzero: padding is left out), then the layer's own attention-output
+    and feed-forward modules on the selected positions only."""
     import torch
     import torch.nn.functional as F
 
@@ -111,6 +112,7 @@ def last_layer_at(layer, hidden, rows, cols):
 
     context = F.scaled_dot_product_attention(
         split_heads(q), split_heads(attn.key(hidden)), split_heads(attn.value(hidden)),
+        attn_mask=None if key_mask is None else key_mask[:, None, None, :].bool(),
         dropout_p=attn.dropout.p if attn.training else 0.0)  # default scale 1/sqrt(head_dim), as BERT's
     context = context.transpose(1, 2).reshape(batch, width_q, width)[rows, slot]
     attention_output = layer.attention.output(context, selected)
