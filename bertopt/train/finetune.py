@@ -145,16 +145,17 @@ def classification_objective(model):
     forward returns the logits. Only [CLS]'s final hidden state reaches the classifier, so the last
     layer runs its queries, attention output and feed-forward there alone (keys and values at every
     token, padding masked): the same logits and gradients as the full forward
-    (``tests/train/test_finetune_objective.py``); MiniLM-L6's default run trains 1.17x faster (README).
-    Other architectures, or attention this does not reproduce (relative positions, other
-    kernels), get ``model`` itself back."""
+    (``tests/train/test_finetune_objective.py``). Other architectures, or attention this does not
+    reproduce (a decoder's causal mask, relative positions, other kernels), get ``model`` itself
+    back."""
     import torch
     from transformers import BertForSequenceClassification
 
-    from bertopt.train.pretrain import _prunable, last_layer_at
+    from bertopt.train.pretrain import _prunable, first_position_of_last_layer
 
     config = model.config
     if not (isinstance(model, BertForSequenceClassification) and model.bert.pooler is not None
+            and not getattr(config, "is_decoder", False)
             and getattr(config, "position_embedding_type", "absolute") == "absolute"
             and getattr(config, "_attn_implementation", "eager") in ("eager", "sdpa")):
         return model
@@ -177,8 +178,7 @@ def classification_objective(model):
             for layer in layers[:-1]:
                 out = layer(hidden, attention_mask=additive)
                 hidden = out[0] if isinstance(out, tuple) else out  # transformers 4.x returns a tuple
-            rows = torch.arange(len(input_ids), device=input_ids.device)
-            first = last_layer_at(layers[-1], hidden, rows, torch.zeros_like(rows), key_mask=attention_mask)
+            first = first_position_of_last_layer(layers[-1], hidden, key_mask=attention_mask)
             return self.classifier(self.dropout(self.bert.pooler(first[:, None, :])))
 
     return ClassificationObjective()

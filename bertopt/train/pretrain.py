@@ -91,11 +91,8 @@ def last_layer_at(layer, hidden, rows, cols, key_mask=None):
     [batch, seq], if given, is nonzero: padding is left out), then the layer's own attention-output
     and feed-forward modules on the selected positions only."""
     import torch
-    import torch.nn.functional as F
 
-    attn = layer.attention.self
     batch, _, width = hidden.shape
-    heads, head_dim = attn.num_attention_heads, attn.attention_head_size
     # The selected positions of each row side by side (slot: rank within its row), padded to
     # the longest row's count.
     counts = torch.bincount(rows, minlength=batch)
@@ -104,8 +101,28 @@ def last_layer_at(layer, hidden, rows, cols, key_mask=None):
     slot[order] = torch.arange(len(rows), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows[order]]
     width_q = int(counts.max()) if len(rows) else 0
     selected = hidden[rows, cols]
-    q_selected = attn.query(selected)  # under autocast, in its dtype
+    q_selected = layer.attention.self.query(selected)  # under autocast, in its dtype
     q = q_selected.new_zeros(batch, width_q, width).index_put((rows, slot), q_selected)
+    context = _attend(layer, q, hidden, key_mask)[rows, slot]
+    return _after_attention(layer, context, selected)
+
+
+def first_position_of_last_layer(layer, hidden, key_mask=None):
+    """``last_layer_at`` at position 0 of every row (what a [CLS] classifier reads): [batch, width],
+    without the bookkeeping for positions in any order (so torch.compile sees one graph)."""
+    first = hidden[:, 0]
+    context = _attend(layer, layer.attention.self.query(first)[:, None, :], hidden, key_mask)[:, 0]
+    return _after_attention(layer, context, first)
+
+
+def _attend(layer, q, hidden, key_mask):
+    """BERT's self-attention of the projected queries ``q`` [batch, n, width] over each row of
+    ``hidden`` (keys and values from every position, or where ``key_mask`` is nonzero)."""
+    import torch.nn.functional as F
+
+    attn = layer.attention.self
+    batch, n, width = q.shape
+    heads, head_dim = attn.num_attention_heads, attn.attention_head_size
 
     def split_heads(x):
         return x.view(batch, -1, heads, head_dim).transpose(1, 2)
@@ -114,8 +131,12 @@ def last_layer_at(layer, hidden, rows, cols, key_mask=None):
         split_heads(q), split_heads(attn.key(hidden)), split_heads(attn.value(hidden)),
         attn_mask=None if key_mask is None else key_mask[:, None, None, :].bool(),
         dropout_p=attn.dropout.p if attn.training else 0.0)  # default scale 1/sqrt(head_dim), as BERT's
-    context = context.transpose(1, 2).reshape(batch, width_q, width)[rows, slot]
-    attention_output = layer.attention.output(context, selected)
+    return context.transpose(1, 2).reshape(batch, n, width)
+
+
+def _after_attention(layer, context, residual):
+    """The layer's attention-output (with the residual) and feed-forward modules."""
+    attention_output = layer.attention.output(context, residual)
     return layer.output(layer.intermediate(attention_output), attention_output)
 
 

@@ -11,11 +11,12 @@ transformers = pytest.importorskip("transformers")
 from bertopt.train.finetune import classification_objective  # noqa: E402
 
 
-def tiny_classifier(seed=0, **config):
+def tiny_classifier(seed=0, attention="sdpa", **config):
     torch.manual_seed(seed)
-    return transformers.BertForSequenceClassification(transformers.BertConfig(
-        vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=16, num_labels=3, **config))
+    config = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=16, num_labels=3, **config)
+    config._attn_implementation = attention  # how BertModel builds its mask differs between the two
+    return transformers.BertForSequenceClassification(config)
 
 
 def padded_batch(gen, lengths=(16, 9, 1, 12, 16)):
@@ -24,9 +25,11 @@ def padded_batch(gen, lengths=(16, 9, 1, 12, 16)):
     return input_ids * attention_mask, attention_mask  # padding id 0 after each row's length
 
 
-def test_cls_only_equals_the_full_forward_with_padding():
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_cls_only_equals_the_full_forward_with_padding(attention):
     gen = torch.Generator().manual_seed(1)
-    model = tiny_classifier().eval()  # no dropout: the two forwards must agree exactly
+    model = tiny_classifier(attention=attention).eval()  # no dropout: the two forwards must agree exactly
+    assert model.config._attn_implementation == attention
     objective = classification_objective(model)
     assert objective is not model and dict(objective.named_parameters()).keys() == dict(model.named_parameters()).keys()
     input_ids, attention_mask = padded_batch(gen)
@@ -57,6 +60,19 @@ def test_padding_changes_nothing_and_dropout_stays_on_in_training():
     assert not torch.equal(objective(input_ids, attention_mask), objective(input_ids, attention_mask))
 
 
-def test_other_attention_gets_the_model_itself():
-    model = tiny_classifier(position_embedding_type="relative_key")
-    assert classification_objective(model) is model
+def test_under_bf16_autocast_too():
+    gen = torch.Generator().manual_seed(3)
+    model = tiny_classifier().eval()
+    input_ids, attention_mask = padded_batch(gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        ours = classification_objective(model)(input_ids, attention_mask)
+    assert ours.dtype == full.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), full.float(), rtol=0, atol=2e-4)  # logits ~0.02: a few bf16 ulps
+
+
+def test_attention_it_does_not_reproduce_keeps_the_full_forward():
+    # a decoder attends causally; relative positions (transformers 4.x) change the scores
+    for config in ({"is_decoder": True}, {"position_embedding_type": "relative_key"}):
+        model = tiny_classifier(**config)
+        assert classification_objective(model) is model, config
