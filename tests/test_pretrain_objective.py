@@ -1,5 +1,5 @@
 """The pretraining objective runs the last layer only at the masked positions
-(pretrain.last_layer_at): it must give what the full BertForMaskedLM forward gives there."""
+(last_layer.last_layer_at): it must give what the full BertForMaskedLM forward gives there."""
 
 from __future__ import annotations
 

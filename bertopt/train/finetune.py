@@ -151,7 +151,7 @@ def classification_objective(model):
     import torch
     from transformers import BertForSequenceClassification
 
-    from bertopt.train.pretrain import _prunable, first_position_of_last_layer
+    from bertopt.train.last_layer import before_last_layer, first_position_of_last_layer, prunable
 
     config = model.config
     if not (isinstance(model, BertForSequenceClassification) and model.bert.pooler is not None
@@ -168,17 +168,11 @@ def classification_objective(model):
             self.classifier = model.classifier
 
         def forward(self, input_ids, attention_mask):
-            layers = self.bert.encoder.layer
-            if not _prunable(layers[-1]):  # FSDP2 unshards a block only when its own forward runs
+            if not prunable(self.bert):
                 pooled = self.bert(input_ids=input_ids, attention_mask=attention_mask).pooler_output
                 return self.classifier(self.dropout(pooled))
-            hidden = self.bert.embeddings(input_ids=input_ids)
-            # BERT's additive mask: 0 at tokens, the dtype's minimum at padding
-            additive = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
-            for layer in layers[:-1]:
-                out = layer(hidden, attention_mask=additive)
-                hidden = out[0] if isinstance(out, tuple) else out  # transformers 4.x returns a tuple
-            first = first_position_of_last_layer(layers[-1], hidden, key_mask=attention_mask)
+            hidden = before_last_layer(self.bert, input_ids, attention_mask)
+            first = first_position_of_last_layer(self.bert.encoder.layer[-1], hidden, key_mask=attention_mask)
             return self.classifier(self.dropout(self.bert.pooler(first[:, None, :])))
 
     return ClassificationObjective()

@@ -50,6 +50,8 @@ def masked_lm_objective(mlm):
     import torch
     import torch.nn.functional as F
 
+    from bertopt.train.last_layer import before_last_layer, last_layer_at, prunable
+
     class MaskedLMObjective(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -65,79 +67,11 @@ def masked_lm_objective(mlm):
 
         def encode_at(self, input_ids, rows, cols):
             """The encoder's last hidden states at (rows, cols): full rows, no attention mask."""
-            layers = self.bert.encoder.layer
-            if not _prunable(layers[-1]):  # FSDP2 unshards a block only when its own forward runs
+            if not prunable(self.bert):
                 return self.bert(input_ids=input_ids).last_hidden_state[rows, cols]
-            hidden = self.bert.embeddings(input_ids=input_ids)
-            for layer in layers[:-1]:
-                out = layer(hidden)
-                hidden = out[0] if isinstance(out, tuple) else out  # transformers 4.x returns a tuple
-            return last_layer_at(layers[-1], hidden, rows, cols)
+            return last_layer_at(self.bert.encoder.layer[-1], before_last_layer(self.bert, input_ids), rows, cols)
 
     return MaskedLMObjective()
-
-
-def _prunable(layer) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return True
-    return not isinstance(layer, FSDPModule)
-
-
-def last_layer_at(layer, hidden, rows, cols, key_mask=None):
-    """A BertLayer's output at the positions (rows, cols) of ``hidden`` [batch, seq, width]: queries
-    from those positions, keys and values from every position of their row (where ``key_mask``
-    [batch, seq], if given, is nonzero: padding is left out), then the layer's own attention-output
-    and feed-forward modules on the selected positions only."""
-    import torch
-
-    batch, _, width = hidden.shape
-    # The selected positions of each row side by side (slot: rank within its row), padded to
-    # the longest row's count.
-    counts = torch.bincount(rows, minlength=batch)
-    order = torch.argsort(rows, stable=True)
-    slot = torch.empty_like(rows)
-    slot[order] = torch.arange(len(rows), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows[order]]
-    width_q = int(counts.max()) if len(rows) else 0
-    selected = hidden[rows, cols]
-    q_selected = layer.attention.self.query(selected)  # under autocast, in its dtype
-    q = q_selected.new_zeros(batch, width_q, width).index_put((rows, slot), q_selected)
-    context = _attend(layer, q, hidden, key_mask)[rows, slot]
-    return _after_attention(layer, context, selected)
-
-
-def first_position_of_last_layer(layer, hidden, key_mask=None):
-    """``last_layer_at`` at position 0 of every row (what a [CLS] classifier reads): [batch, width],
-    without the bookkeeping for positions in any order (so torch.compile sees one graph)."""
-    first = hidden[:, 0]
-    context = _attend(layer, layer.attention.self.query(first)[:, None, :], hidden, key_mask)[:, 0]
-    return _after_attention(layer, context, first)
-
-
-def _attend(layer, q, hidden, key_mask):
-    """BERT's self-attention of the projected queries ``q`` [batch, n, width] over each row of
-    ``hidden`` (keys and values from every position, or where ``key_mask`` is nonzero)."""
-    import torch.nn.functional as F
-
-    attn = layer.attention.self
-    batch, n, width = q.shape
-    heads, head_dim = attn.num_attention_heads, attn.attention_head_size
-
-    def split_heads(x):
-        return x.view(batch, -1, heads, head_dim).transpose(1, 2)
-
-    context = F.scaled_dot_product_attention(
-        split_heads(q), split_heads(attn.key(hidden)), split_heads(attn.value(hidden)),
-        attn_mask=None if key_mask is None else key_mask[:, None, None, :].bool(),
-        dropout_p=attn.dropout.p if attn.training else 0.0)  # default scale 1/sqrt(head_dim), as BERT's
-    return context.transpose(1, 2).reshape(batch, n, width)
-
-
-def _after_attention(layer, context, residual):
-    """The layer's attention-output (with the residual) and feed-forward modules."""
-    attention_output = layer.attention.output(context, residual)
-    return layer.output(layer.intermediate(attention_output), attention_output)
 
 
 class MaskedLMTask:
