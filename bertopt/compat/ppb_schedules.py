@@ -8,7 +8,7 @@ multiplier of 1). The classes, their arguments and ``get_lr(step, nowarn=False)`
 Within ``t_total`` they are bertopt's step-based schedules with ``num_warmup_steps =
 warmup * t_total`` (``WarmupLinearSchedule`` is ``bert_schedule(style="rebased")``,
 ``WarmupConstantSchedule`` is ``constant_schedule``, ``WarmupCosineSchedule`` is
-``cosine_schedule``; tests/test_schedules.py checks this against 0.6.2 to 1e-12).
+``cosine_schedule``; tests/optim/test_schedules.py checks this against 0.6.2 to 1e-12).
 They are kept here in 0.6.2's form because it differs where bertopt's cannot follow:
 past ``t_total`` the cosines go on (0.6.2's cosine rises again; bertopt's holds 0),
 ``t_total`` may be negative or fractional, and ``get_lr_`` works on progress.

@@ -4,7 +4,7 @@ A loss that reads the final hidden states at a few positions (the masked tokens 
 pretraining, [CLS] for sequence classification) needs the last layer's queries, attention
 output and feed-forward there alone; its keys and values still come from every token. Same
 outputs and gradients as the full forward, through the layer's own modules
-(``tests/test_pretrain_objective.py``, ``tests/train/test_finetune_objective.py``).
+(``tests/train/test_pretrain_objective.py``, ``tests/train/test_finetune_objective.py``).
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def masked_lm_objective(mlm):
     the MLM loss at the masked positions only. Only their outputs are used, so the last layer runs
     its queries, attention output and feed-forward at those positions alone (keys and values still
     come from every token), and the prediction head (vocabulary projection) too: the same loss as
-    the full forward (``tests/test_pretrain_objective.py``) for about 30% of the last layer's
+    the full forward (``tests/train/test_pretrain_objective.py``) for about 30% of the last layer's
     matrix work at 15% masking (keys and values, 2/12 of it, at every token; the rest at 15%)."""
     import torch
     import torch.nn.functional as F

@@ -102,7 +102,7 @@ def test_sum_of_squares_matches_float64(native_on):
     got = kernels.sum_of_squares(build.library(), tensors)
     # float32 sums of 32 squares per lane, blocks added in double (csrc/norm.c): was 1e-12 when
     # every square was summed in double, which made the pass compute-bound
-    # (tests/test_norm_accuracy.py: large tensors)
+    # (tests/optim/test_norm_accuracy.py: large tensors)
     assert math.isclose(got, expected, rel_tol=1e-7)
     assert math.isinf(kernels.sum_of_squares(build.library(), [torch.tensor([1.0, math.inf])]))
     assert math.isnan(kernels.sum_of_squares(build.library(), [torch.tensor([1.0, math.nan])]))
@@ -155,7 +155,7 @@ def test_fused_path_uses_native_kernel_and_falls_back_to_torchs(native_on):
     calls = kernels.calls["adam"]
     native_params, native_grads, _ = clipped_bert_adam_run()
     assert kernels.calls["adam"] == calls + 3
-    # .grad is what backward left there (on every path: tests/test_grad_contract.py).
+    # .grad is what backward left there (on every path: tests/optim/test_grad_contract.py).
     assert all(torch.equal(p.grad, g) for p, g in zip(native_params, native_grads))
     build.use_native(False)
     assert build.library() is None and "use_native(False)" in build.status()

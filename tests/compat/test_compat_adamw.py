@@ -1,6 +1,6 @@
 """``bertopt.compat.AdamW`` against transformers' removed ``AdamW`` (4.49.0).
 
-The reference is ``tests/compat_reference/transformers_adamw_trajectory.json``, recorded
+The reference is ``tests/compat/compat_reference/transformers_adamw_trajectory.json``, recorded
 by ``record_transformers_adamw.py`` beside it (transformers 4.49.0, torch 2.13.0, in a
 separate venv). Here the same problem is replayed with the drop-in on every
 implementation path and compared at every step of every scenario: ``correct_bias`` on

@@ -2,7 +2,7 @@
 
 transformers 4.50 removed ``transformers.AdamW``; bertopt's own venv has a newer
 transformers, so this script runs in a separate venv with transformers 4.49.0 and the
-same torch (see README.md here). ``tests/test_compat_adamw.py`` replays the fixture with
+same torch (see README.md here). ``tests/compat/test_compat_adamw.py`` replays the fixture with
 ``bertopt.compat.AdamW`` (torch only) and compares every parameter at every step.
 
 The problem: float32 parameters with BERT-like names, loss at step k

@@ -2,8 +2,8 @@
 
 The reference is a trajectory of google-research/bert's ``create_optimizer``
 (``bert-tensorflow``, run unchanged under ``tensorflow.compat.v1``), recorded by
-``tests/google_reference/record_google_trajectory.py`` into
-``tests/google_reference/google_trajectory.json``: 64 steps with warmup, the LR drop
+``tests/optim/google_reference/record_google_trajectory.py`` into
+``tests/optim/google_reference/google_trajectory.json``: 64 steps with warmup, the LR drop
 at its end, linear decay to 0 and past it, global-norm clipping on some steps only,
 and decayed and excluded (LayerNorm, bias) parameters. Here torch replays it: same
 parameter names and initial values, the same loss differentiated by autograd, and

@@ -7,7 +7,7 @@ names, and writes every step's learning rate, pre-clip global gradient norm and
 parameter values to `google_trajectory.json` beside this file.
 
 It needs TensorFlow, which bertopt's own venv does not have; see README.md in
-this folder for the commands. The test `tests/test_google_parity.py` replays
+this folder for the commands. The test `tests/optim/test_google_parity.py` replays
 the fixture with `bertopt.create_optimizer` and needs only torch.
 
 Before writing, the script checks the recording itself: it is reproducible,

@@ -1,9 +1,9 @@
-"""Record optax.lamb trajectories for tests/test_lamb_reference.py.
+"""Record optax.lamb trajectories for tests/optim/test_lamb_reference.py.
 
 Needs jax and optax (CPU is enough), e.g. in a throwaway venv:
     python -m venv /tmp/jaxenv && /tmp/jaxenv/bin/pip install optax
-    /tmp/jaxenv/bin/python tests/lamb_reference/record_optax_lamb.py
-Writes tests/lamb_reference/optax_lamb_trajectory.json (float32 throughout).
+    /tmp/jaxenv/bin/python tests/optim/lamb_reference/record_optax_lamb.py
+Writes tests/optim/lamb_reference/optax_lamb_trajectory.json (float32 throughout).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def main():
     init, grads = make_problem()
     out = {
         "source": f"optax {version('optax')}, jax {version('jax')} on {jax.default_backend()}, float32",
-        "command": "python tests/lamb_reference/record_optax_lamb.py",
+        "command": "python tests/optim/lamb_reference/record_optax_lamb.py",
         "lr": LR,
         "init": to_lists(init),
         "grads": [to_lists(g) for g in grads],

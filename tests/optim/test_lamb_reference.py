@@ -1,6 +1,6 @@
 """Which Lamb settings reproduce which public LAMB (the table in docs/lamb.md).
 
-Run here against recorded trajectories (tests/lamb_reference/, with the scripts that
+Run here against recorded trajectories (tests/optim/lamb_reference/, with the scripts that
 recorded them):
   * optax.lamb (+ optax.clip_by_global_norm), recorded with optax/jax on CPU;
   * timm's Lamb, its own source file run under torch.

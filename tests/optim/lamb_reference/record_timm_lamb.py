@@ -1,13 +1,13 @@
-"""Record timm's Lamb trajectories for tests/test_lamb_reference.py.
+"""Record timm's Lamb trajectories for tests/optim/test_lamb_reference.py.
 
 timm's top-level package imports torchvision, whose wheels pin a torch version; so this
 script loads only ``timm/optim/{_types,_helpers,lamb}.py`` (they import nothing but
 torch) from a timm wheel or an unpacked timm source tree:
 
     pip download timm --no-deps -d /tmp/timm
-    python tests/lamb_reference/record_timm_lamb.py /tmp/timm/timm-*.whl
+    python tests/optim/lamb_reference/record_timm_lamb.py /tmp/timm/timm-*.whl
 
-Writes tests/lamb_reference/timm_lamb_trajectory.json (float32 throughout).
+Writes tests/optim/lamb_reference/timm_lamb_trajectory.json (float32 throughout).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def main():
     init, grads = make_problem()
     out = {
         "source": f"timm/optim/lamb.py from {source.name}, torch {torch.__version__}, float32",
-        "command": "python tests/lamb_reference/record_timm_lamb.py " + source.name,
+        "command": "python tests/optim/lamb_reference/record_timm_lamb.py " + source.name,
         "lr": LR,
         "init": to_lists(init),
         "grads": [to_lists(g) for g in grads],
