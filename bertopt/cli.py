@@ -32,6 +32,8 @@ OTHER_COMMANDS = {
     "schedule": "bertopt.train.schedule_plot",
     "bench": "bertopt.bench.command",
     "study": "bertopt.study.command",
+    "import-tf": "bertopt.interop.import_command",
+    "export-tf": "bertopt.interop.export_command",
 }
 TRAINING_HELP = {
     "pretrain": "pretrain a BERT masked language model (default: a small BERT on a Wikipedia sample, ~3 min on 2 CPUs)",

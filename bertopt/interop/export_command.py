@@ -1,0 +1,44 @@
+"""`bertopt export-tf`: a run directory's BertForPreTraining, with the Adam slots and global step
+that `bertopt import-tf` saved, as a TF checkpoint Google's code reads (``tf.train.load_checkpoint``,
+``run_pretraining.py --init_checkpoint``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from bertopt.interop.import_command import OPTIMIZER_FILE, load_imported_state
+
+HELP = "export a run directory's BertForPreTraining (with imported Adam slots and step) as a Google TF checkpoint"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", type=Path, help="a run directory holding model/ (e.g. written by import-tf)")
+    parser.add_argument("--out", required=True, help="checkpoint prefix to write, e.g. out/model.ckpt-100000")
+    parser.add_argument("--global-step", type=int, default=None,
+                        help="global_step to store (default: the imported one, if any)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import BertForPreTraining
+
+    from bertopt.errors import UsageError
+    from bertopt.interop.google import export_tf_checkpoint
+
+    model_dir = args.run_dir / "model"
+    if not (model_dir / "config.json").is_file():
+        raise UsageError(f"{args.run_dir}: no model/config.json; give a run directory written by bertopt "
+                         "(import-tf or pretrain)")
+    model = BertForPreTraining.from_pretrained(model_dir)
+    optimizer_state, step = None, args.global_step
+    if (args.run_dir / OPTIMIZER_FILE).is_file():
+        saved = load_imported_state(args.run_dir)
+        step = saved["global_step"] if step is None else step
+        if saved["slots"] is not None:
+            names = list(saved["slots"])
+            optimizer_state = {"param_groups": [{"params": list(range(len(names))), "param_names": names}],
+                               "state": dict(enumerate(saved["slots"].values()))}
+    export_tf_checkpoint(model, optimizer_state, step, args.out)
+    print(f"wrote {args.out}.index and data: weights{', Adam slots' if optimizer_state else ''}"
+          f"{f', global_step {step}' if step is not None else ''}")
+    return 0

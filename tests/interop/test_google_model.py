@@ -1,0 +1,233 @@
+"""A Google BERT imported from its TF checkpoint (bertopt.interop.google) computes what Google's
+modeling.py + run_pretraining.py computed, and continues its run as TensorFlow did.
+
+Fixture: tests/interop/google_model/ (record_google_model.py, run under TensorFlow with Google's
+own code; README.md there): a tiny BERT trained 5 steps by Google's code and saved by
+tf.train.Saver (weights, adam_m/adam_v, global_step), its outputs on an eval batch, and 3 more
+training steps on recorded batches with their losses, LRs and every variable after them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import bertopt  # noqa: E402
+from bertopt.errors import UsageError  # noqa: E402
+from bertopt.interop.google import (  # noqa: E402
+    export_tf_checkpoint, from_google_variables, google_variables, import_tf_checkpoint)
+from bertopt.interop.tf_checkpoint import read_tf_checkpoint  # noqa: E402
+from bertopt.train.google_objective import (  # noqa: E402
+    FEATURES, MlmNspObjective, features_to_tensors, google_losses)
+
+HERE = Path(__file__).parent / "google_model"
+META = json.loads((HERE / "google_model.json").read_text())
+RECORDED = np.load(HERE / "google_model.npz")
+CKPT = HERE / META["checkpoint"]
+CONFIG = HERE / "bert_config.json"
+
+
+def batch(prefix):
+    return {name: RECORDED[f"{prefix}/{name}"] for name in FEATURES}
+
+
+@pytest.fixture(scope="module")
+def tensors():
+    return read_tf_checkpoint(CKPT)
+
+
+def test_outputs_equal_googles(tensors):
+    imported = from_google_variables(tensors, CONFIG)
+    assert imported.notes == [] and imported.global_step == META["settings"]["google_run_steps"]
+    assert imported.config.hidden_act == "gelu_new" and imported.config.layer_norm_eps == 1e-12
+    model = imported.model().eval()
+    f = batch("eval")
+    slots = f["masked_lm_weights"].reshape(-1) != 0  # Google also predicts at the padding slots, weight 0
+    results = []
+    for shortcut in (True, False):
+        with torch.no_grad():
+            terms = MlmNspObjective(model, shortcut=shortcut)(**features_to_tensors(f))
+        losses = [float(x) for x in google_losses(terms)]
+        for ours, name in zip(losses, ("masked_lm_loss", "next_sentence_loss", "total_loss")):
+            assert ours == pytest.approx(float(RECORDED[f"eval/{name}"]), rel=1e-6, abs=0), name
+        mlm_lp = terms.masked_lm_log_probs.numpy()
+        np.testing.assert_allclose(mlm_lp, RECORDED["eval/masked_lm_log_probs"][slots], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(terms.next_sentence_log_probs.numpy(), RECORDED["eval/next_sentence_log_probs"],
+                                   rtol=0, atol=1e-5)
+        results.append(mlm_lp)
+    np.testing.assert_allclose(results[0], results[1], rtol=0, atol=2e-6)  # shortcut = full forward
+
+
+def continue_run(tensors, steps):
+    """BertForPreTraining + bertopt's BertAdam and schedule at the imported step, then the
+    recorded batches with Google's loss, dropout off: ([(loss, lr)], model, optimizer)."""
+    settings = META["settings"]
+    imported = from_google_variables(tensors, CONFIG)
+    model = imported.model().eval()
+    optimizer, scheduler = bertopt.create_optimizer(model, settings["init_lr"], settings["num_train_steps"],
+                                                    settings["num_warmup_steps"])
+    imported.load_optimizer(optimizer, scheduler)
+    objective = MlmNspObjective(model)
+    history = []
+    for i in range(steps):
+        lr = optimizer.param_groups[0]["lr"]
+        loss = google_losses(objective(**features_to_tensors(batch(f"step{i}"))))[2]
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append((float(loss.detach()), lr, float(optimizer.last_grad_norm)))
+    return history, model, optimizer
+
+
+def test_continuation_equals_tensorflows(tensors):
+    steps = META["continuation"]
+    history, model, optimizer = continue_run(tensors, len(steps))
+    for (loss, lr, norm), step in zip(history, steps):
+        assert lr == pytest.approx(step["learning_rate"], rel=1e-6, abs=0)
+        assert loss == pytest.approx(step["total_loss"], rel=2e-6, abs=0)
+        assert norm == pytest.approx(step["grad_norm"], rel=1e-5, abs=0)  # clipped: all three are above 1
+    ours = google_variables(model, optimizer.state_dict(), int(optimizer.state_dict()["state"][0]["step"]))
+    assert int(ours["global_step"]) == META["final_global_step"]
+    worst = {}
+    for key in RECORDED.files:
+        if key.startswith("final/"):
+            name = key[len("final/"):]
+            diff = np.abs(ours[name] - RECORDED[key])
+            kind = name.rsplit("/", 1)[-1] if name.endswith(("adam_m", "adam_v")) else "weights"
+            worst[kind] = max(worst.get(kind, 0.0), float(diff.max()))
+            scale = {"weights": 1e-5, "adam_m": 1e-6, "adam_v": 1e-7}[kind]
+            assert diff.max() <= scale, (name, float(diff.max()))
+    assert set(worst) == {"weights", "adam_m", "adam_v"}
+    print("max abs difference after", len(steps), "steps:", worst)
+
+
+def test_weights_only_without_slots(tensors):
+    weights = {k: v for k, v in tensors.items() if not k.endswith(("adam_m", "adam_v"))}
+    imported = from_google_variables(weights, CONFIG)
+    assert imported.slots is None and imported.global_step == 5
+    assert any("weights only" in note and "global_step 5" in note for note in imported.notes)
+    model = imported.model()
+    optimizer, scheduler = bertopt.create_optimizer(model, 5e-3, 10, 3)
+    imported.load_optimizer(optimizer, scheduler)
+    assert optimizer.state_dict()["state"] == {} and scheduler.last_epoch == 5
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-3 * (1 - 5 / 10))
+
+
+def test_config_mismatch_names_the_first_variable(tensors):
+    config = json.loads(CONFIG.read_text())
+    with pytest.raises(UsageError, match=r"variable bert/embeddings/word_embeddings has shape \[100, 16\], "
+                                         r"bert_config says vocab_size 100, hidden_size 32: expected \[100, 32\]"):
+        from_google_variables(tensors, dict(config, hidden_size=32, num_attention_heads=4))
+    with pytest.raises(UsageError, match=r"no variable bert/encoder/layer_2/"):
+        from_google_variables(tensors, dict(config, num_hidden_layers=3))
+    with pytest.raises(UsageError, match=r"hidden_act 'swish'"):
+        from_google_variables(tensors, dict(config, hidden_act="swish"))
+
+
+def test_export_gives_back_googles_variables_bit_for_bit(tensors, tmp_path):
+    imported = from_google_variables(tensors, CONFIG)
+    model = imported.model()
+    optimizer, _ = bertopt.create_optimizer(model, 5e-3, 10, 3)
+    imported.load_optimizer(optimizer)
+    exported = google_variables(model, optimizer.state_dict(), imported.global_step)
+    assert exported.keys() == tensors.keys()
+    for name, value in tensors.items():
+        assert exported[name].dtype == value.dtype and np.array_equal(exported[name], value), name
+    export_tf_checkpoint(model, optimizer.state_dict(), imported.global_step, tmp_path / "model.ckpt-5")
+    again = read_tf_checkpoint(tmp_path / "model.ckpt-5")
+    assert again.keys() == tensors.keys() and all(np.array_equal(again[k], tensors[k]) for k in tensors)
+
+
+def test_import_tf_checkpoint_writes_a_model_directory(tmp_path):
+    imported = import_tf_checkpoint(CKPT, CONFIG, HERE / "vocab.txt", tmp_path)
+    assert imported.global_step == 5 and imported.slots is not None
+    assert "casing guessed from the vocabulary: do_lower_case=True" in imported.notes
+    model = transformers.BertForPreTraining.from_pretrained(tmp_path / "model").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "model")
+    assert tokenizer("W01 w02")["input_ids"] == [2, 6, 7, 3]  # lower-cased, [CLS] ... [SEP]
+    f = features_to_tensors(batch("eval"))
+    with torch.no_grad():
+        terms = MlmNspObjective(model)(**f)
+    assert float(google_losses(terms)[2]) == pytest.approx(float(RECORDED["eval/total_loss"]), rel=1e-6)
+
+
+def _log_probs(model, f, attention_adder=None):
+    """(masked-LM log-probs at the weighted slots, NSP log-probs) of ``model`` on features ``f``;
+    ``attention_adder``: run the encoder layer by layer with Google's additive mask constant."""
+    objective = MlmNspObjective(model, shortcut=False)
+    with torch.no_grad():
+        if attention_adder is None:
+            terms = objective(**f)
+            return terms.masked_lm_log_probs.numpy(), terms.next_sentence_log_probs.numpy()
+        hidden = model.bert.embeddings(input_ids=f["input_ids"], token_type_ids=f["segment_ids"])
+        additive = (1.0 - f["input_mask"][:, None, None, :].float()) * attention_adder
+        for layer in model.bert.encoder.layer:
+            out = layer(hidden, attention_mask=additive)
+            hidden = out[0] if isinstance(out, tuple) else out
+        rows, slots = torch.nonzero(f["masked_lm_weights"], as_tuple=True)
+        mlm = model.cls.predictions(hidden[rows, f["masked_lm_positions"][rows, slots].long()])
+        nsp = model.cls.seq_relationship(model.bert.pooler(hidden))
+        return torch.log_softmax(mlm, -1).numpy(), torch.log_softmax(nsp, -1).numpy()
+
+
+def test_what_differs_from_a_transformers_bert(tensors):
+    """The effect on the log-probs of each convention the importer takes care of, when it is not
+    (docs/google-checkpoints.md quotes these numbers)."""
+    f = features_to_tensors(batch("eval"))
+    slots = RECORDED["eval/masked_lm_weights"].reshape(-1) != 0
+    google = RECORDED["eval/masked_lm_log_probs"][slots], RECORDED["eval/next_sentence_log_probs"]
+
+    def effect(model, **kw):
+        mlm, nsp = _log_probs(model.eval(), f, **kw)
+        return max(float(np.abs(mlm - google[0]).max()), float(np.abs(nsp - google[1]).max()))
+
+    imported = from_google_variables(tensors, CONFIG)
+    effects = {"imported": effect(imported.model())}
+    effects["erf GELU (transformers' gelu)"] = effect(from_google_variables(tensors, CONFIG, gelu="erf").model())
+    imported.config.hidden_act = "gelu_pytorch_tanh"
+    effects["torch's fused tanh GELU"] = effect(imported.model())
+    imported.config.hidden_act = "gelu_new"
+    imported.config.layer_norm_eps = 1e-5
+    effects["LayerNorm eps 1e-5 (torch's default)"] = effect(imported.model())
+    imported.config.layer_norm_eps = 1e-12
+    effects["attention mask -10000 (Google's) in eager attention"] = effect(imported.model(), attention_adder=-10000.0)
+    effects["token_type_ids not passed"] = max(
+        float(np.abs(a - b).max()) for a, b in zip(_log_probs(imported.model().eval(), dict(
+            f, segment_ids=torch.zeros_like(f["segment_ids"]))), google))
+    without_bias = imported.model()
+    with torch.no_grad():
+        without_bias.cls.predictions.bias.zero_()
+    effects["masked-LM output_bias left out"] = effect(without_bias)
+    print({k: f"{v:.2g}" for k, v in effects.items()})
+    assert effects["imported"] < 1e-5
+    assert effects["torch's fused tanh GELU"] < 1e-5
+    assert effects["attention mask -10000 (Google's) in eager attention"] < 1e-5  # exp(-10000) is 0 in float32
+    assert effects["erf GELU (transformers' gelu)"] > 1e-4  # what hidden_act "gelu" would cost
+    assert effects["LayerNorm eps 1e-5 (torch's default)"] > 1e-5
+    assert effects["token_type_ids not passed"] > 1e-2 and effects["masked-LM output_bias left out"] > 1e-2
+
+
+def test_import_tf_then_export_tf_commands_give_back_the_checkpoint(tmp_path, capsys):
+    from bertopt.cli import main
+
+    assert main(["import-tf", str(CKPT) + ".index", "--bert-config", str(CONFIG), "--vocab", str(HERE / "vocab.txt"),
+                 "--out", str(tmp_path / "run")]) == 0
+    assert "global_step 5, Adam slots imported" in capsys.readouterr().out
+    assert main(["export-tf", str(tmp_path / "run"), "--out", str(tmp_path / "back" / "model.ckpt-5")]) == 0
+    back, original = read_tf_checkpoint(tmp_path / "back" / "model.ckpt-5"), read_tf_checkpoint(CKPT)
+    assert back.keys() == original.keys() and all(np.array_equal(back[k], original[k]) for k in original)
+
+    config = json.loads(CONFIG.read_text())
+    (tmp_path / "wide.json").write_text(json.dumps(dict(config, intermediate_size=64)))
+    assert main(["import-tf", str(CKPT), "--bert-config", str(tmp_path / "wide.json"), "--vocab",
+                 str(HERE / "vocab.txt"), "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert "variable bert/encoder/layer_0/intermediate/dense/kernel has shape [16, 32]" in err
+    assert "intermediate_size 64" in err and "Traceback" not in err and not (tmp_path / "bad" / "model").exists()
