@@ -25,7 +25,7 @@ update ``k`` uses LR(k) and leaves ``global_step = k + 1``, as bertopt's schedul
 ``scheduler.step()`` calls.
 
 Google's current ``modeling.py`` computes GELU with the tanh approximation (transformers'
-``gelu_new``); the code of the first released checkpoints (2018) used erf (transformers' ``gelu``).
+``gelu_pytorch_tanh``); the code of the first released checkpoints (2018) used erf (transformers' ``gelu``).
 ``gelu="tanh"`` (default) matches the code that continues a run today; ``gelu="erf"`` matches the
 published BERT-Base/Large weights as transformers has always loaded them. See
 docs/google-checkpoints.md for this and the other differences, measured.
@@ -34,7 +34,6 @@ docs/google-checkpoints.md for this and the other differences, measured.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -46,7 +45,9 @@ from bertopt.errors import UsageError
 
 SLOT_SUFFIXES = {"adam_m": "exp_avg", "adam_v": "exp_avg_sq"}
 GLOBAL_STEP = "global_step"
-GELU_FORMS = {"tanh": "gelu_new", "erf": "gelu"}  # Google's gelu -> transformers' hidden_act
+# Google's gelu -> transformers' hidden_act. gelu_pytorch_tanh is torch's fused kernel of Google's tanh
+# formula (gelu_new, the same formula in separate ops, agrees as closely: tests/interop/test_google_model.py).
+GELU_FORMS = {"tanh": "gelu_pytorch_tanh", "erf": "gelu"}
 # Keys of Google's bert_config.json (modeling.BertConfig); BertConfig takes them under the same names.
 CONFIG_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
@@ -403,8 +404,3 @@ def export_tf_checkpoint(model, optimizer_state: Mapping[str, Any] | None, globa
     from bertopt.interop.tf_checkpoint import write_tf_checkpoint
 
     write_tf_checkpoint(prefix, google_variables(model, optimizer_state, global_step))
-
-
-def checkpoint_prefix(path) -> str:
-    """``model.ckpt-5`` for any of ``model.ckpt-5``, ``model.ckpt-5.index``, ``model.ckpt-5.data-*``."""
-    return re.sub(r"\.(index|data-\d{5}-of-\d{5}|meta)$", "", str(path))

@@ -329,10 +329,43 @@ def check(rec: dict, settings: dict = SETTINGS) -> None:
     assert (weights == 0).any() and (rec["eval_batch"]["input_mask"] == 0).any(), "no padding to test"
 
 
+def check_export(prefix: str, out_dir: Path = HERE, settings: dict = SETTINGS) -> dict:
+    """Google's code on a checkpoint that bertopt exported (``bertopt export-tf``): every variable
+    read by ``tf.train.load_checkpoint`` equals the recorded checkpoint's, and a graph initialised
+    from it as ``run_pretraining.py --init_checkpoint`` initialises (``get_assignment_map_from_checkpoint``
+    + ``tf.train.init_from_checkpoint``) gives the recorded eval outputs."""
+    tf, modeling, run_pretraining, optimization = import_google_bert()
+    ours, original = tf.train.load_checkpoint(prefix), tf.train.load_checkpoint(str(out_dir / "model.ckpt-5"))
+    names = sorted(original.get_variable_to_shape_map())
+    assert sorted(ours.get_variable_to_shape_map()) == names
+    unequal = [n for n in names if not np.array_equal(ours.get_tensor(n), original.get_tensor(n))]
+    assert not unequal, unequal
+    recorded = np.load(out_dir / "google_model.npz")
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.enable_resource_variables()
+        g = build(tf, modeling, run_pretraining, optimization, settings)
+        assignment_map, initialized = modeling.get_assignment_map_from_checkpoint(tf.trainable_variables(), prefix)
+        tf.train.init_from_checkpoint(prefix, assignment_map)
+        with session(tf, graph) as sess:
+            sess.run(tf.global_variables_initializer())
+            outputs = sess.run(g["outputs"], {g["placeholders"][k]: recorded[f"eval/{k}"] for k in FEATURES})
+    differences = {k: float(np.abs(np.asarray(v) - recorded[f"eval/{k}"]).max()) for k, v in outputs.items()}
+    assert max(differences.values()) == 0.0, differences
+    return {"variables_equal": len(names), "initialized_by_init_checkpoint": len(initialized) // 2,
+            "eval_output_differences": differences}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--check-export", metavar="PREFIX",
+                        help="instead of recording: check a checkpoint bertopt exported from the recorded one "
+                             "(bertopt export-tf) with TensorFlow and Google's code")
     args = parser.parse_args(argv)
+    if args.check_export:
+        print(json.dumps(check_export(args.check_export, args.out), indent=1))
+        return
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("model.ckpt-*"):
