@@ -231,3 +231,15 @@ def test_import_tf_then_export_tf_commands_give_back_the_checkpoint(tmp_path, ca
     err = capsys.readouterr().err
     assert "variable bert/encoder/layer_0/intermediate/dense/kernel has shape [16, 32]" in err
     assert "intermediate_size 64" in err and "Traceback" not in err and not (tmp_path / "bad" / "model").exists()
+
+
+def test_vocabulary_that_does_not_fit_is_refused(tmp_path):
+    words = (HERE / "vocab.txt").read_text().splitlines()
+    cases = {"short.txt": (words[:-1], "has 99 tokens but bert_config.json says vocab_size 100"),
+             "nomask.txt": ([w if w != "[MASK]" else "w99" for w in words], r"lacks \['\[MASK\]'\]"),
+             "twice.txt": (words[:-1] + ["w00"], "lists 'w00' twice")}
+    for name, (tokens, message) in cases.items():
+        (tmp_path / name).write_text("\n".join(tokens) + "\n")
+        with pytest.raises(UsageError, match=message):
+            import_tf_checkpoint(CKPT, CONFIG, tmp_path / name, tmp_path / name.replace(".txt", ""))
+        assert not (tmp_path / name.replace(".txt", "") / "model").exists()
