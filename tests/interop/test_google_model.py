@@ -243,3 +243,15 @@ def test_vocabulary_that_does_not_fit_is_refused(tmp_path):
         with pytest.raises(UsageError, match=message):
             import_tf_checkpoint(CKPT, CONFIG, tmp_path / name, tmp_path / name.replace(".txt", ""))
         assert not (tmp_path / name.replace(".txt", "") / "model").exists()
+
+
+def test_slots_load_into_lamb_too(tensors):
+    """bertopt's Lamb keeps Adam's state names: Google's moments and step load into it as well."""
+    imported = from_google_variables(tensors, CONFIG)
+    model = imported.model()
+    optimizer, scheduler = bertopt.create_optimizer(model, 5e-3, 10, 3, optimizer="lamb")
+    imported.load_optimizer(optimizer, scheduler)
+    state = optimizer.state[model.bert.encoder.layer[1].intermediate.dense.weight]
+    expected = tensors["bert/encoder/layer_1/intermediate/dense/kernel/adam_v"].T
+    assert np.array_equal(state["exp_avg_sq"].numpy(), expected) and float(state["step"]) == 5.0
+    assert scheduler.last_epoch == 5
