@@ -196,7 +196,7 @@ class GoogleCheckpoint:
         ``optimizer.load_state_dict``. The optimizer's param groups must carry ``param_names``
         (as :func:`bertopt.param_groups` / :func:`bertopt.create_optimizer` build them). Without
         slots in the checkpoint (weights only), the state is left empty: Adam starts from zero
-        moments (``notes`` says so)."""
+        moments (``notes`` says so); so do heads the checkpoint lacked."""
         state_dict = optimizer.state_dict()
         if self.slots is None:
             return state_dict
@@ -208,10 +208,12 @@ class GoogleCheckpoint:
                 raise ValueError("the optimizer's param groups carry no param_names; build it with bertopt.param_groups"
                                  " or bertopt.create_optimizer so that Google's slots can be matched by name")
             for index, name in zip(group["params"], names):
-                if name not in self.slots:
-                    raise ValueError(f"parameter {name} has no Adam slots in the checkpoint; the optimizer must be "
-                                     "built on the imported BertForPreTraining")
-                state[index] = {"step": step.clone(), **{k: v.clone() for k, v in self.slots[name].items()}}
+                if name in self.slots:
+                    state[index] = {"step": step.clone(), **{k: v.clone() for k, v in self.slots[name].items()}}
+                elif name not in self.state_dict:
+                    raise ValueError(f"parameter {name} is not part of the imported BertForPreTraining; build the "
+                                     "optimizer on the model of this checkpoint (GoogleCheckpoint.model())")
+                # else: a head the checkpoint lacked (initialised afresh): its moments start at zero
         return {**state_dict, "state": state}
 
     def load_optimizer(self, optimizer: torch.optim.Optimizer, scheduler=None) -> None:

@@ -255,3 +255,16 @@ def test_slots_load_into_lamb_too(tensors):
     expected = tensors["bert/encoder/layer_1/intermediate/dense/kernel/adam_v"].T
     assert np.array_equal(state["exp_avg_sq"].numpy(), expected) and float(state["step"]) == 5.0
     assert scheduler.last_epoch == 5
+
+
+def test_checkpoint_without_the_heads_gets_them_initialised(tensors):
+    """An encoder-only checkpoint (no cls/ variables, e.g. from fine-tuning): the heads are new,
+    said in the notes, and the encoder's moments still load (the heads' start at zero)."""
+    encoder = {k: v for k, v in tensors.items() if not k.startswith("cls/")}
+    imported = from_google_variables(encoder, CONFIG)
+    assert any("head variables are not in the checkpoint" in note for note in imported.notes)
+    model = imported.model()
+    assert np.array_equal(model.cls.predictions.decoder.weight.detach().numpy(), tensors["bert/embeddings/word_embeddings"])
+    optimizer, scheduler = bertopt.create_optimizer(model, 5e-3, 10, 3)
+    imported.load_optimizer(optimizer, scheduler)
+    assert model.bert.pooler.dense.weight in optimizer.state and model.cls.seq_relationship.weight not in optimizer.state
