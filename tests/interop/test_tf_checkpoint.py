@@ -250,6 +250,13 @@ def test_crc32c_backends_agree():
         python_crc = crc32c._register_small(0xFFFFFFFF, data.tobytes()) ^ 0xFFFFFFFF
         assert numpy_crc == python_crc == crc32c.value(data.tobytes()) == crc32c.value(memoryview(data)), n
         assert crc32c.extend(crc32c.value(data[: n // 3].tobytes()), data[n // 3:].tobytes()) == numpy_crc
+        if crc32c._google is not None:  # the Python wrapper, on bytes (what the C library in place must equal)
+            assert crc32c._google.value(data.tobytes()) == numpy_crc
+    data = rng.integers(0, 256, 3 << 20, dtype=np.uint8)  # the wrapper's 1 MiB copies, when the C library is not found
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(crc32c, "_c_extend", None)
+        wrapped = crc32c.value(memoryview(data))
+    assert wrapped == crc32c.value(memoryview(data)) == crc32c._register_numpy(0xFFFFFFFF, data) ^ 0xFFFFFFFF
     for crc in (0, 1, 0xFFFFFFFF, 0x12345678):
         assert crc32c.unmask(crc32c.mask(crc)) == crc and crc32c.mask(crc) != crc
 
