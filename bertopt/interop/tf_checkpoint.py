@@ -11,8 +11,9 @@ entry a ``BundleEntryProto`` (dtype, shape, shard, offset, size, masked CRC-32C)
 name. A numeric tensor is its raw bytes in the shard; a string tensor is the varint64 lengths of its
 elements, a masked CRC-32C of those lengths (as uint32 each), then the bytes of the elements.
 
-Reading maps each shard into memory: numeric arrays are read-only views of the file (nothing copied;
-``mmap=False`` copies), so a 1.3 GB checkpoint costs page cache, not process memory. Checksums are
+Reading maps each shard into memory: numeric arrays are views of the file (nothing copied; ``mmap=False``
+copies), so a 1.3 GB checkpoint costs page cache, not process memory. The mapping is private
+(copy-on-write): writing into an array changes this process's copy of that page, never the file. Checksums are
 verified (``verify=True``, the default: every byte is read once; ``verify=False`` touches nothing until
 used). bfloat16 comes back as ``ml_dtypes.bfloat16`` (the numpy dtype TensorFlow and JAX use), which
 :func:`to_torch` turns into a ``torch.bfloat16`` tensor without a copy.
@@ -259,17 +260,23 @@ class _Shards:
             try:
                 with open(path, "rb") as f:
                     if not self.use_mmap:
-                        self.buffers[shard] = f.read()
+                        self.buffers[shard] = bytearray(f.read())  # writable arrays, as with the mapping
                     elif os.fstat(f.fileno()).st_size == 0:
                         self.buffers[shard] = b""
                     else:
-                        self.buffers[shard] = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_READ)
+                        # Private: pages are the page cache's until written, then this process's own.
+                        self.buffers[shard] = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_COPY)
             except FileNotFoundError:
                 raise TFCheckpointError(
                     f"the data file {path} of checkpoint {self.prefix} is missing (tensor {name!r} is in it). A "
                     f"checkpoint is the .index file and all {self.num_shards} .data-*-of-{self.num_shards:05d} files "
                     "beside it: copy the missing file next to the index.") from None
         return self.buffers[shard]
+
+
+def _checksummed_length(length: int) -> bytes:
+    """A string element's length as TensorFlow checksums it: uint32 (older checkpoints' width) if it fits."""
+    return struct.pack("<I", length) if length <= 0xFFFFFFFF else struct.pack("<Q", length)
 
 
 def _read_strings(buf, e: _Entry, name: str, where: str, verify: bool) -> np.ndarray:
@@ -281,7 +288,7 @@ def _read_strings(buf, e: _Entry, name: str, where: str, verify: bool) -> np.nda
             length, pos = get_varint(buf, pos, end)
             lengths.append(length)
             if verify:
-                crc = crc32c.extend(crc, struct.pack("<I", length) if length <= 0xFFFFFFFF else struct.pack("<Q", length))
+                crc = crc32c.extend(crc, _checksummed_length(length))
         if pos + 4 > end:
             raise sstable.TableError("the string lengths run past the tensor's end")
         stored_lengths_crc = bytes(buf[pos:pos + 4])
@@ -370,8 +377,9 @@ def read_tf_checkpoint(path: str | os.PathLike, *, names=None, verify: bool = Tr
     ``path``: the checkpoint prefix (``model.ckpt-1000``), its ``.index`` file, or a directory with a
     ``checkpoint`` state file. ``names``: read only these (an error names one that is missing).
     ``verify``: check every tensor's CRC-32C as TensorFlow does (reads every byte once).
-    ``mmap``: numeric arrays are read-only views of the memory-mapped data files (no copy, the file
-    stays mapped while an array lives); ``mmap=False`` reads the files into memory instead.
+    ``mmap``: numeric arrays are views of the memory-mapped data files (no copy; the file stays mapped
+    while an array lives; copy-on-write, so writing into an array never changes the file);
+    ``mmap=False`` reads the files into memory instead.
     Strings come back as object arrays of ``bytes``; bfloat16 as ``ml_dtypes.bfloat16``."""
     prefix = resolve_prefix(path)
     num_shards, entries = _read_index(prefix)
@@ -390,19 +398,15 @@ def read_tf_checkpoint(path: str | os.PathLike, *, names=None, verify: bool = Tr
 
 
 def to_torch(array: np.ndarray):
-    """A torch tensor sharing ``array``'s memory (bfloat16 included; read-only mapped arrays too: do not
-    write into the result; ``.clone()`` it to own a writable copy). Strings are not tensors."""
+    """A torch tensor sharing ``array``'s memory, bfloat16 included (``torch.from_numpy`` refuses
+    ``ml_dtypes.bfloat16``). Strings are not tensors."""
     import torch  # the only place this module touches torch, when asked to
 
     if array.dtype == object:
         raise TypeError("a string tensor has no torch equivalent; use the numpy array of bytes")
-    import warnings
-
-    with warnings.catch_warnings():  # torch warns that the array is not writable: the caller was told
-        warnings.simplefilter("ignore", UserWarning)
-        if ml_dtypes is not None and array.dtype == ml_dtypes.bfloat16:
-            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(array)
+    if ml_dtypes is not None and array.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -441,7 +445,7 @@ def _string_payload(array: np.ndarray) -> tuple[list[bytes], int]:
     flat = array.reshape(-1).tolist()
     for s in flat:
         put_varint(lengths, len(s))
-        crc = crc32c.extend(crc, struct.pack("<I", len(s)) if len(s) <= 0xFFFFFFFF else struct.pack("<Q", len(s)))
+        crc = crc32c.extend(crc, _checksummed_length(len(s)))
     lengths_crc = struct.pack("<I", crc32c.mask(crc))
     crc = crc32c.extend(crc, lengths_crc)
     for s in flat:
