@@ -353,8 +353,8 @@ def _read_tensor(shards: _Shards, e: _Entry, name: str, verify: bool, checks: li
 
 def _verify(checks: list) -> None:
     """The numeric tensors' checksums, on all cores when the CRC releases the GIL (the C library called in
-    place does: 1.3 GB in about 0.25 s instead of 0.31 s on this 2-core machine, busy); the first mismatch
-    in name order is reported."""
+    place does; checksum and sum of 1.3 GB took 0.24 s with 2 threads against 0.31 s with one, on this
+    busy 2-core machine); the first mismatch in name order is reported."""
     workers = min(len(checks), os.cpu_count() or 1, 8) if crc32c.RELEASES_GIL else 1
     if workers > 1:
         from concurrent.futures import ThreadPoolExecutor

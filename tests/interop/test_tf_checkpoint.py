@@ -286,3 +286,16 @@ print(int(tensors["global_step"]), len(tensors))
 def test_exported_from_bertopt():
     assert bertopt.read_tf_checkpoint is read_tf_checkpoint and bertopt.write_tf_checkpoint is write_tf_checkpoint
     assert bertopt.list_tf_checkpoint is list_tf_checkpoint and "read_tf_checkpoint" in dir(bertopt)
+
+
+def test_paths_a_data_file_and_a_state_file_with_an_absolute_path(tmp_path):
+    prefix = write_tf_checkpoint(tmp_path / "run" / "model.ckpt-5", {"w": np.arange(3.0)}, state_file=True)
+    assert read_tf_checkpoint(tmp_path / "run")["w"].tolist() == [0.0, 1.0, 2.0]  # the state file we wrote
+    assert list(read_tf_checkpoint(f"{prefix}.data-00000-of-00001")) == ["w"]
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "checkpoint").write_text(f'model_checkpoint_path: "{prefix}"\n')  # as TF's Saver writes it
+    assert list_tf_checkpoint(other) == {"w": ("float64", (3,))}
+    (other / "checkpoint").write_text("all_model_checkpoint_paths: nothing\n")
+    with pytest.raises(TFCheckpointError, match="has no model_checkpoint_path line"):
+        read_tf_checkpoint(other)
