@@ -106,11 +106,11 @@ def _message(out: bytearray, number: int, payload: bytes) -> None:
 class _Entry:
     """A parsed BundleEntryProto."""
 
-    __slots__ = ("dtype", "shape", "shard", "offset", "size", "crc", "sliced")
+    __slots__ = ("dtype", "shape", "shard", "offset", "size", "crc", "slices")
 
     def __init__(self, value: bytes):
         self.dtype, self.shape, self.shard, self.offset, self.size, self.crc = 0, (), 0, 0, 0, 0
-        self.sliced = False
+        self.slices: list[tuple[tuple[int, int], ...]] = []  # a partitioned variable's (start, length) per dim
         for number, v in _fields(value):
             if number == 1:
                 self.dtype = v
@@ -130,8 +130,13 @@ class _Entry:
                 self.size = v
             elif number == 6:
                 self.crc = v
-            elif number == 7:
-                self.sliced = True
+            elif number == 7:  # TensorSliceProto{extent: [{start, length (absent: the whole dimension)}]}
+                extents = []
+                for n, extent in _fields(v):
+                    if n == 1:
+                        parts = dict(_fields(extent))
+                        extents.append((_int64(parts.get(1, 0)), _int64(parts[2]) if 2 in parts else -1))
+                self.slices.append(tuple(extents))
 
     def encode(self) -> bytes:
         """Serialized as TensorFlow serializes it (fields in order, zeros left out, the shape always there)."""
@@ -241,7 +246,45 @@ def list_tf_checkpoint(path: str | os.PathLike) -> dict[str, tuple[str, tuple[in
     """``{name: (dtype name, shape)}`` of every variable, from the index alone (no data is read).
     dtype names are numpy's (``float32``...), plus ``bfloat16`` and ``string``."""
     _, entries = _read_index(resolve_prefix(path))
-    return {name: (_NAMES.get(e.dtype, f"DataType {e.dtype}"), e.shape) for name, e in entries if not e.sliced}
+    return {name: (_NAMES.get(e.dtype, f"DataType {e.dtype}"), e.shape) for name, e in entries
+            if not _is_slice_key(name)}
+
+
+# ---------------------------------------------------------------------------------------------- partitions
+# A partitioned variable (saved in slices, e.g. by tf.compat.v1.fixed_size_partitioner) has a full entry
+# listing its slices and one entry per slice, keyed by TensorFlow's EncodeTensorNameSlice: OrderedCode's
+# NumIncreasing(0), String(name), NumIncreasing(rank), then SignedNumIncreasing(start), (length or -1)
+# per dimension. Those keys start with a zero byte, which no variable name does.
+
+
+def _is_slice_key(name: str) -> bool:
+    return name.startswith("\0")
+
+
+def _ordered_num(value: int) -> bytes:
+    raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
+    return bytes([len(raw)]) + raw
+
+
+def _ordered_signed(value: int) -> bytes:
+    magnitude = ~value if value < 0 else value
+    length = magnitude.bit_length() // 7 + 1
+    if length == 1:
+        return bytes([(0x80 ^ value) & 0xFF])
+    buf = bytearray((value & ((1 << 80) - 1)).to_bytes(10, "big"))[10 - length:]  # sign-extended, big-endian
+    header = 0xFFC0 if length == 10 else 0xFF80 if length == 9 else (0xFF00 << (8 - length)) & 0xFF00
+    buf[0] ^= header >> 8
+    buf[1] ^= header & 0xFF
+    return bytes(buf)
+
+
+def _slice_key(name: str, extents: tuple[tuple[int, int], ...]) -> str:
+    key = bytearray(_ordered_num(0))
+    key += name.encode("utf-8").replace(b"\xff", b"\xff\x00").replace(b"\0", b"\0\xff") + b"\0\x01"
+    key += _ordered_num(len(extents))
+    for start, length in extents:
+        key += _ordered_signed(start) + _ordered_signed(length)
+    return bytes(key).decode("utf-8", errors="surrogateescape")
 
 
 class _Shards:
@@ -322,9 +365,6 @@ def _check_crc(e: _Entry, actual: int, name: str, where: str) -> None:
 
 def _read_tensor(shards: _Shards, e: _Entry, name: str, verify: bool, checks: list):
     """The tensor's array; a numeric tensor's checksum is queued on ``checks`` (strings are checked here)."""
-    if e.sliced:
-        raise TFCheckpointError(f"tensor {name!r} of {shards.prefix} is a partitioned variable (saved in slices), "
-                                "which this reader does not reassemble: load it with TensorFlow and save it whole")
     if e.dtype == DT_STRING:
         dtype = None
     elif e.dtype == DT_BFLOAT16:
@@ -349,6 +389,26 @@ def _read_tensor(shards: _Shards, e: _Entry, name: str, verify: bool, checks: li
     if verify:
         checks.append((e, name, where, memoryview(buf)[e.offset:e.offset + e.size]))
     return array
+
+
+def _assemble(shards: _Shards, e: _Entry, name: str, by_key: dict, verify: bool, checks: list) -> np.ndarray:
+    """A partitioned variable, its slices copied into one array (the slices' checksums are verified too)."""
+    parts, covered = [], 0
+    for extents in e.slices:
+        key = _slice_key(name, extents)
+        if key not in by_key or len(extents) != len(e.shape):
+            raise TFCheckpointError(f"partitioned variable {name!r} of {shards.prefix}.index lists a slice {extents} "
+                                    "that the index does not hold: the index is corrupt")
+        index = tuple(slice(start, None if length < 0 else start + length) for start, length in extents)
+        parts.append((index, _read_tensor(shards, by_key[key], f"{name} (slice {extents})", verify, checks)))
+        covered += parts[-1][1].size
+    if covered != int(np.prod(e.shape, dtype=np.int64)):
+        raise TFCheckpointError(f"the slices of partitioned variable {name!r} of {shards.prefix} cover {covered} of its "
+                                f"{int(np.prod(e.shape, dtype=np.int64))} elements: the checkpoint is incomplete")
+    out = np.empty(e.shape, dtype=parts[0][1].dtype if parts else np.float32)
+    for index, part in parts:
+        out[index] = part
+    return out
 
 
 def _verify(checks: list) -> None:
@@ -385,14 +445,16 @@ def read_tf_checkpoint(path: str | os.PathLike, *, names=None, verify: bool = Tr
     num_shards, entries = _read_index(prefix)
     if names is not None:
         wanted = set(names)
-        missing = wanted - {name for name, _ in entries}
+        missing = wanted - {name for name, _ in entries if not _is_slice_key(name)}
         if missing:
             raise TFCheckpointError(f"{prefix} has no variable {sorted(missing)[0]!r} ({len(missing)} asked for are "
                                     "missing): list_tf_checkpoint(path) lists the names it has")
-        entries = [(name, e) for name, e in entries if name in wanted]
+        entries = [(name, e) for name, e in entries if name in wanted or _is_slice_key(name)]
     shards = _Shards(prefix, num_shards, mmap)
+    by_key = dict(entries) if any(e.slices for _, e in entries) else {}
     checks: list = []
-    tensors = {name: _read_tensor(shards, e, name, verify, checks) for name, e in entries}
+    tensors = {name: _assemble(shards, e, name, by_key, verify, checks) if e.slices
+               else _read_tensor(shards, e, name, verify, checks) for name, e in entries if not _is_slice_key(name)}
     _verify(checks)
     return tensors
 

@@ -299,3 +299,18 @@ def test_paths_a_data_file_and_a_state_file_with_an_absolute_path(tmp_path):
     (other / "checkpoint").write_text("all_model_checkpoint_paths: nothing\n")
     with pytest.raises(TFCheckpointError, match="has no model_checkpoint_path line"):
         read_tf_checkpoint(other)
+
+
+def test_partitioned_variable_slices_are_checked(tmp_path):
+    prefix = copy_fixture("sliced", tmp_path)
+    entries = dict(_read_index(str(prefix))[1])
+    wide_slices = [e for name, e in entries.items() if name.startswith("\0wide")]
+    assert len(wide_slices) == 2 and len(entries["wide"].slices) == 2
+    data = Path(f"{prefix}.data-00000-of-00001")
+    raw = bytearray(data.read_bytes())
+    raw[wide_slices[1].offset] ^= 0x20
+    data.write_bytes(bytes(raw))
+    with pytest.raises(TFCheckpointError, match=r"tensor 'wide \(slice \(\(0, -1\), \(\d+, \d+\)\)\)' in .* fails its "
+                                                r"checksum"):
+        read_tf_checkpoint(prefix)
+    assert read_tf_checkpoint(prefix, names=["part"])["part"].tolist() == [[0, 1], [2, 3], [4, 5], [6, 7]]
