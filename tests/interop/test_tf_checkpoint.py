@@ -129,9 +129,15 @@ def test_round_trip_every_dtype_and_a_large_tensor_mapped_not_copied(tmp_path):
     for name, value in tensors.items():
         assert describe(back[name]) == describe(value), name
     large = back["large"]
-    assert not large.flags.owndata and not large.flags.writeable and mapped(large)
+    assert not large.flags.owndata and mapped(large)
+    data_files = {p: p.read_bytes() for p in tmp_path.glob("rt.data-*")}
+    large[0, :] = 7.0  # copy-on-write: this process's page changes, the file does not
+    to_torch(back["float32"]).mul_(2)
+    assert all(p.read_bytes() == raw for p, raw in data_files.items())
+    again = read_tf_checkpoint(tmp_path / "rt")
+    assert np.array_equal(again["large"], tensors["large"]) and np.array_equal(again["float32"], tensors["float32"])
     copied = read_tf_checkpoint(tmp_path / "rt", mmap=False)["large"]
-    assert not mapped(copied) and np.array_equal(copied, tensors["large"])
+    assert not mapped(copied) and copied.flags.writeable and np.array_equal(copied, tensors["large"])
 
 
 def test_torch_tensors_are_written_bfloat16_included(tmp_path):
@@ -250,6 +256,13 @@ def test_crc32c_backends_agree():
         python_crc = crc32c._register_small(0xFFFFFFFF, data.tobytes()) ^ 0xFFFFFFFF
         assert numpy_crc == python_crc == crc32c.value(data.tobytes()) == crc32c.value(memoryview(data)), n
         assert crc32c.extend(crc32c.value(data[: n // 3].tobytes()), data[n // 3:].tobytes()) == numpy_crc
+        if crc32c._google is not None:  # the Python wrapper, on bytes (what the C library in place must equal)
+            assert crc32c._google.value(data.tobytes()) == numpy_crc
+    data = rng.integers(0, 256, 3 << 20, dtype=np.uint8)  # the wrapper's 1 MiB copies, when the C library is not found
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(crc32c, "_c_extend", None)
+        wrapped = crc32c.value(memoryview(data))
+    assert wrapped == crc32c.value(memoryview(data)) == crc32c._register_numpy(0xFFFFFFFF, data) ^ 0xFFFFFFFF
     for crc in (0, 1, 0xFFFFFFFF, 0x12345678):
         assert crc32c.unmask(crc32c.mask(crc)) == crc and crc32c.mask(crc) != crc
 
@@ -273,3 +286,31 @@ print(int(tensors["global_step"]), len(tensors))
 def test_exported_from_bertopt():
     assert bertopt.read_tf_checkpoint is read_tf_checkpoint and bertopt.write_tf_checkpoint is write_tf_checkpoint
     assert bertopt.list_tf_checkpoint is list_tf_checkpoint and "read_tf_checkpoint" in dir(bertopt)
+
+
+def test_paths_a_data_file_and_a_state_file_with_an_absolute_path(tmp_path):
+    prefix = write_tf_checkpoint(tmp_path / "run" / "model.ckpt-5", {"w": np.arange(3.0)}, state_file=True)
+    assert read_tf_checkpoint(tmp_path / "run")["w"].tolist() == [0.0, 1.0, 2.0]  # the state file we wrote
+    assert list(read_tf_checkpoint(f"{prefix}.data-00000-of-00001")) == ["w"]
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "checkpoint").write_text(f'model_checkpoint_path: "{prefix}"\n')  # as TF's Saver writes it
+    assert list_tf_checkpoint(other) == {"w": ("float64", (3,))}
+    (other / "checkpoint").write_text("all_model_checkpoint_paths: nothing\n")
+    with pytest.raises(TFCheckpointError, match="has no model_checkpoint_path line"):
+        read_tf_checkpoint(other)
+
+
+def test_partitioned_variable_slices_are_checked(tmp_path):
+    prefix = copy_fixture("sliced", tmp_path)
+    entries = dict(_read_index(str(prefix))[1])
+    wide_slices = [e for name, e in entries.items() if name.startswith("\0wide")]
+    assert len(wide_slices) == 2 and len(entries["wide"].slices) == 2
+    data = Path(f"{prefix}.data-00000-of-00001")
+    raw = bytearray(data.read_bytes())
+    raw[wide_slices[1].offset] ^= 0x20
+    data.write_bytes(bytes(raw))
+    with pytest.raises(TFCheckpointError, match=r"tensor 'wide \(slice \(\(0, -1\), \(\d+, \d+\)\)\)' in .* fails its "
+                                                r"checksum"):
+        read_tf_checkpoint(prefix)
+    assert read_tf_checkpoint(prefix, names=["part"])["part"].tolist() == [[0, 1], [2, 3], [4, 5], [6, 7]]

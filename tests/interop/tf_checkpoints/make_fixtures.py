@@ -11,6 +11,8 @@ Writes beside this file:
   and a 300-byte element; written by ``tf.raw_ops.SaveV2`` (TensorFlow's BundleWriter).
 - ``sharded/model.ckpt``: two ``SaveV2`` bundles merged by ``tf.raw_ops.MergeV2Checkpoints``, which is how
   ``tf.train.Saver(sharded=True)`` makes one shard per device: 2 data files.
+- ``sliced/model.ckpt``: partitioned variables (``SaveV2`` with slice specs, as ``Saver`` saves a variable made
+  with a partitioner), split along rows and columns, with slice starts that take 1 to 3 bytes in the keys.
 - ``bert/model.ckpt-1000`` + ``bert/checkpoint``: a tiny BERT's variable names with ``adam_m``/``adam_v`` slots
   and ``global_step``, saved by ``tf.compat.v1.train.Saver`` in a graph session (as google-research/bert's
   ``run_pretraining.py`` saves), with the ``checkpoint`` state file.
@@ -142,7 +144,7 @@ def main() -> None:
     import tensorflow as tf
 
     interop = load_interop()
-    for sub in ("dtypes", "sharded", "bert", "ours", "ours_sharded"):
+    for sub in ("dtypes", "sharded", "sliced", "bert", "ours", "ours_sharded"):
         shutil.rmtree(HERE / sub, ignore_errors=True)
         (HERE / sub).mkdir()
     tensors = dtype_tensors()
@@ -156,6 +158,17 @@ def main() -> None:
         save_v2(tf, parts[0], {n: tensors[n] for n in names[::2]})
         save_v2(tf, parts[1], {n: tensors[n] for n in names[1::2]})
         tf.raw_ops.MergeV2Checkpoints(checkpoint_prefixes=parts, destination_prefix=str(HERE / "sharded/model.ckpt"))
+
+    # Partitioned variables: slices saved under TensorFlow's encoded slice keys (starts of 1, 2 and 3 bytes).
+    wide = np.arange(600, dtype=np.float32).reshape(3, 200)
+    part = np.arange(8, dtype=np.int32).reshape(4, 2)
+    tf.raw_ops.SaveV2(
+        prefix=str(HERE / "sliced/model.ckpt"),
+        tensor_names=["part", "part", "wide", "wide", "huge_empty", "huge_empty", "whole"],
+        shape_and_slices=["4 2 0,2:-", "4 2 2,2:-", "3 200 -:0,150", "3 200 -:150,50", "0 70000 -:0,65000",
+                          "0 70000 -:65000,5000", ""],
+        tensors=[part[:2], part[2:], wide[:, :150], wide[:, 150:], np.zeros((0, 65000), np.float32),
+                 np.zeros((0, 5000), np.float32), np.float32(2.5)])
 
     rng = np.random.default_rng(7)
     graph = tf.Graph()
@@ -177,7 +190,7 @@ def main() -> None:
                                           'all_model_checkpoint_paths: "model.ckpt-1000"\n')
 
     for sub, prefix in (("dtypes", "dtypes/model.ckpt"), ("sharded", "sharded/model.ckpt"),
-                        ("bert", "bert/model.ckpt-1000")):
+                        ("sliced", "sliced/model.ckpt"), ("bert", "bert/model.ckpt-1000")):
         expected["fixtures"][sub] = {"prefix": prefix, "files": [p.name for p in files_of(HERE / prefix)],
                                      "tensors": tf_values(tf, str(HERE / prefix))}
 
