@@ -49,9 +49,9 @@ TARGETS = {"fp32": 1.4, "bf16": 1.5}  # issue 12: bertopt / Trainer tokens/s
 
 def default_cache_dir() -> Path:
     """bertopt pretrain's own default cache, so the benchmark reuses (or builds once) its data."""
-    if os.environ.get("BERTOPT_CACHE"):
-        return Path(os.environ["BERTOPT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bertopt" / "pretrain"
+    from bertopt.cache import cache_dir
+
+    return cache_dir("pretrain")
 
 
 def prepare(cache_dir: Path):
