@@ -11,7 +11,6 @@ in-place add probe, and reports medians and the median per-round ratio to one st
 
 from __future__ import annotations
 
-import ctypes
 import statistics
 import tempfile
 from pathlib import Path
@@ -24,20 +23,12 @@ STREAMS = (1, 2, 4, 8)
 
 def main(argv=None) -> int:
     args = harness.script_arguments(__doc__, argv, reps=21)
-    cc = build.find_compiler()
-    if cc is None:
-        raise SystemExit("no C compiler found")
     t = harness.make_tensors(args.size)
     grads = [p.grad for p in t.params]
     steps = {"probe": harness.inplace_add_probe(t.count)}
     with tempfile.TemporaryDirectory() as tmp:
         for k in STREAMS:
-            path = Path(tmp) / f"streams{k}.so"
-            err = build.compile_library(cc, path, build.BASE_FLAGS + ["-march=native", f"-DNORM_STREAMS={k}"])
-            if err:
-                raise SystemExit(err)
-            lib = ctypes.CDLL(str(path))
-            kernels.declare(lib)
+            lib = build.variant_library(Path(tmp), {"NORM_STREAMS": k})
             steps[f"streams-{k}"] = lambda lib=lib: kernels.sum_of_squares(lib, grads)
         sums = {name: step() for name, step in steps.items() if name != "probe"}
         if max(sums.values()) / min(sums.values()) - 1 > 1e-7:  # same blocks, only their order differs

@@ -136,6 +136,28 @@ def build_cached(cc: str) -> tuple[ctypes.CDLL | None, str]:
     return None, " | ".join(errors)
 
 
+def variant_library(directory: Path, defines: dict[str, object]) -> ctypes.CDLL:
+    """The kernels compiled with extra ``-D`` macros (``{"NORM_STREAMS": 8}``), into ``directory``
+    (not cached), checked and declared like the shipped library. Benchmarks time such variants
+    against it; the sources say which macros they read. Raises RuntimeError if it cannot build."""
+    from bertopt.optim.native.kernels import declare
+
+    cc = find_compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc/clang)")
+    macros = [f"-D{name}={value}" for name, value in defines.items()]
+    out = Path(directory) / f"{LIBRARY_NAME}_{'_'.join(f'{k}{v}' for k, v in defines.items())}.so"
+    err = compile_library(cc, out, [*BASE_FLAGS, "-march=native", *macros])
+    if err is not None:
+        raise RuntimeError(f"compiling the kernels with {' '.join(macros)} failed: {err}")
+    lib = ctypes.CDLL(str(out))
+    mismatch = abi_mismatch(lib)
+    if mismatch is not None:
+        raise RuntimeError(mismatch)
+    declare(lib)
+    return lib
+
+
 def _build_and_load() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("BERTOPT_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None, "disabled by BERTOPT_NATIVE=0"
