@@ -1,5 +1,5 @@
-"""What the drop-ins share: steering bertopt's fused kernel (they choose an implementation as
-BertAdam and Lamb do, ``bertopt.optim.base.choose_implementation``).
+"""What the drop-ins share: gathering tensors and state, and steering bertopt's fused kernel (they
+choose an implementation as BertAdam and Lamb do, ``bertopt.optim.base.choose_implementation``).
 
 bertopt's fused update (the native C kernel on float32 CPU tensors, torch's fused AdamW
 kernel elsewhere) computes, per element and with no bias correction::
@@ -28,6 +28,29 @@ from torch import Tensor
 # its native kernel (rather than torch's fused one) will take a list of tensors.
 from bertopt.optim._adam import AdamHyper, bert_adam as _bert_adam
 from bertopt.optim.native import build, kernels
+
+
+def gather(optimizer, group: dict, moments: tuple[str, str]) -> tuple[list[Tensor], ...]:
+    """The parameters of ``group`` that have gradients, their gradients and their two moments
+    (state keys ``moments``), creating the moments and a step count of 0 on first use, as the
+    originals do; their error for sparse gradients."""
+    params, grads, firsts, seconds = [], [], [], []
+    first, second = moments
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+        state = optimizer.state[p]
+        if len(state) == 0:
+            state["step"] = 0
+            state[first] = torch.zeros_like(p)
+            state[second] = torch.zeros_like(p)
+        params.append(p)
+        grads.append(p.grad)
+        firsts.append(state[first])
+        seconds.append(state[second])
+    return params, grads, firsts, seconds
 
 
 def native_kernel_takes(*tensor_lists: list[Tensor]) -> bool:

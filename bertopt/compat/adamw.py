@@ -90,25 +90,12 @@ class AdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] = int(state["step"]) + 1  # an int, as transformers keeps it
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
+            params, grads, exp_avgs, exp_avg_sqs = _engine.gather(self, group, ("exp_avg", "exp_avg_sq"))
             if not params:
                 continue
+            for p in params:
+                self.state[p]["step"] = int(self.state[p]["step"]) + 1  # an int, as transformers keeps it
+            steps = [self.state[p]["step"] for p in params]
             impl = choose_implementation(params, group["foreach"], group["fused"])
             _UPDATES[impl](params, grads, exp_avgs, exp_avg_sqs, steps, group)
         return loss

@@ -159,24 +159,10 @@ class BertAdam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, next_ms, next_vs, steps = [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = 0
-                    state["next_m"] = torch.zeros_like(p)
-                    state["next_v"] = torch.zeros_like(p)
-                params.append(p)
-                grads.append(p.grad)
-                next_ms.append(state["next_m"])
-                next_vs.append(state["next_v"])
-                steps.append(int(state["step"]))
+            params, grads, next_ms, next_vs = _engine.gather(self, group, ("next_m", "next_v"))
             if not params:
                 continue
+            steps = [int(self.state[p]["step"]) for p in params]
             impl = choose_implementation(params, group["foreach"], group["fused"])
             _UPDATES[impl](params, grads, next_ms, next_vs, steps, group)
             for p in params:
