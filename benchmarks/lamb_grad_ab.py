@@ -10,7 +10,6 @@ temporary directory; its float32 results are the same (tests/optim/test_lamb.py)
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 from pathlib import Path
 from unittest import mock
@@ -36,15 +35,8 @@ def main(argv=None) -> int:
 
         steps = {"bertadam": METHODS[FAST_PATH].build(tensors.params, tensors.names, tensors.moments),
                  "lamb-recompute-u": shipped_step, "lamb-u-over-g": variant_step}
-        for step in steps.values():
-            step()
-        monitor = harness.LoadMonitor()
-        times = harness.interleaved_times(steps, {name: args.reps for name in steps})
-        load = monitor.stop()
-    adam = times["bertadam"]
-    summary = {name: {"median_ms": statistics.median(t) * 1e3,
-                      "vs_bertadam_paired": statistics.median(a / b for a, b in zip(t, adam))}
-               for name, t in times.items()}
+        times, load = harness.timed_under_load(steps, args.reps)
+    summary = harness.paired_to(times, "bertadam", "vs_bertadam_paired")
     for name, s in summary.items():
         print(f"{name:<18} {s['median_ms']:8.1f} ms   x BertAdam (paired) {s['vs_bertadam_paired']:.3f}")
     print(f"load: {load}")

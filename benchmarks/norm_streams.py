@@ -33,15 +33,11 @@ def main(argv=None) -> int:
         sums = {name: step() for name, step in steps.items() if name != "probe"}
         if max(sums.values()) / min(sums.values()) - 1 > 1e-7:  # same blocks, only their order differs
             raise SystemExit(f"the variants disagree: {sums}")
-        monitor = harness.LoadMonitor()
-        times = harness.interleaved_times(steps, {name: args.reps for name in steps})
-        load = monitor.stop()
-    one = times["streams-1"]
+        times, load = harness.timed_under_load(steps, args.reps, warmup=0)  # the sums warmed the kernels up
     probe = statistics.median(times["probe"])
-    summary = {"probe_GBps": 12 * t.count / probe / 1e9, "norm_floor_ms": probe * 4 / 12 * 1e3}
-    for name, ts in times.items():
-        summary[name] = {"median_ms": statistics.median(ts) * 1e3,
-                         "vs_one_stream_paired": statistics.median(a / b for a, b in zip(ts, one))}
+    summary = {"probe_GBps": 12 * t.count / probe / 1e9, "norm_floor_ms": probe * 4 / 12 * 1e3,
+               **harness.paired_to(times, "streams-1", "vs_one_stream_paired")}
+    for name in times:
         print(f"{name:<11} {summary[name]['median_ms']:7.1f} ms   x one stream (paired) "
               f"{summary[name]['vs_one_stream_paired']:.3f}")
     print(f"norm floor (4 B/param at the in-place add's {summary['probe_GBps']:.1f} GB/s): "

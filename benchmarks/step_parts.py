@@ -44,11 +44,7 @@ def main(argv=None) -> int:
         "lamb-pass2": lambda: kernels.lamb_apply(lib, data, *t.moments, None, h, lamb_scales),
         "lamb-step": METHODS[LAMB_FAST_PATH].build(t.params, t.names, t.moments),
     }
-    for s in steps.values():
-        s()
-    monitor = harness.LoadMonitor()
-    times = harness.interleaved_times(steps, {n: args.reps for n in steps})
-    load = monitor.stop()
+    times, load = harness.timed_under_load(steps, args.reps)
     probe = times["probe"]
     bytes_per_param = {name: r + w for name, (r, w) in READ_WRITE.items() if name != "probe"}
     summary = {"probe_GBps": 12 * t.count / statistics.median(probe) / 1e9}

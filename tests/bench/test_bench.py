@@ -241,6 +241,17 @@ def test_read_write_fit_recovers_the_costs_it_is_given():
     assert low <= fit["lamb_over_bertadam"] <= high
 
 
+def test_scripts_warm_up_time_under_load_and_pair_by_round():
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in "ab"}
+    times, load = harness.timed_under_load(steps, 3, warmup=2)
+    assert calls[:4] == ["a", "a", "b", "b"] and len(calls) == 4 + 6  # warm-up untimed, then 3 rounds
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3} and "loadavg_before" in load
+    summary = harness.paired_to({"ref": [1.0, 2.0, 4.0], "x": [2.0, 2.0, 12.0]}, "ref", "vs_ref")
+    assert summary["x"] == {"median_ms": 2000.0, "vs_ref": 2.0}  # round ratios 2, 1, 3
+    assert summary["ref"]["vs_ref"] == 1.0
+
+
 def test_benchmark_scripts_share_options_and_report(tmp_path):
     args = harness.script_arguments("What it times.\n\nMore.", ["--size", "bert-tiny", "--threads", "1", "--out",
                                                                  str(tmp_path / "r.json")], reps=7)
