@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bertopt.cache import cache_dir
+from bertopt import cache
 from bertopt.errors import UsageError
 from bertopt.train.config import PretrainConfig
 
@@ -31,7 +31,7 @@ RESUME_MUST_MATCH = ("model_config", "corpus_fingerprint", "vocab_size", "lowerc
 
 
 def default_cache_dir() -> Path:
-    return cache_dir("pretrain")
+    return cache.cache_dir("pretrain")
 
 
 # --- the objective ----------------------------------------------------------------------------
