@@ -14,9 +14,9 @@ bertopt pretrain ...`` (DDP; ``--fsdp`` for FSDP2); ``--batch-size`` is the glob
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from bertopt import cache
 from bertopt.errors import UsageError
 from bertopt.train.config import PretrainConfig
 
@@ -31,10 +31,7 @@ RESUME_MUST_MATCH = ("model_config", "corpus_fingerprint", "vocab_size", "lowerc
 
 
 def default_cache_dir() -> Path:
-    if os.environ.get("BERTOPT_CACHE"):
-        return Path(os.environ["BERTOPT_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "bertopt" / "pretrain"
+    return cache.cache_dir("pretrain")
 
 
 # --- the objective ----------------------------------------------------------------------------
