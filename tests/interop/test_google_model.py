@@ -268,3 +268,55 @@ def test_checkpoint_without_the_heads_gets_them_initialised(tensors):
     optimizer, scheduler = bertopt.create_optimizer(model, 5e-3, 10, 3)
     imported.load_optimizer(optimizer, scheduler)
     assert model.bert.pooler.dense.weight in optimizer.state and model.cls.seq_relationship.weight not in optimizer.state
+
+
+def test_export_tf_leaves_out_heads_the_model_directory_lacks(tmp_path, capsys):
+    """A run directory holding a BertForMaskedLM (no pooler, no next-sentence head): loading it as
+    BertForPreTraining initialises those at random, which export-tf must not write as if trained."""
+    from bertopt.cli import main
+
+    imported = from_google_variables(read_tf_checkpoint(CKPT), CONFIG)
+    masked_lm = transformers.BertForMaskedLM(imported.config)
+    masked_lm.load_state_dict(imported.model().state_dict(), strict=False)
+    masked_lm.save_pretrained(tmp_path / "run" / "model")
+    assert main(["export-tf", str(tmp_path / "run"), "--out", str(tmp_path / "out" / "model.ckpt")]) == 0
+    assert "left out of the checkpoint" in capsys.readouterr().out
+    exported, original = read_tf_checkpoint(tmp_path / "out" / "model.ckpt"), read_tf_checkpoint(CKPT)
+    lacking = {"bert/pooler/dense/kernel", "bert/pooler/dense/bias", "cls/seq_relationship/output_weights",
+               "cls/seq_relationship/output_bias"}
+    weights = {k for k in original if not k.endswith(("adam_m", "adam_v")) and k != "global_step"}
+    assert set(exported) == weights - lacking
+    assert all(np.array_equal(exported[k], original[k]) for k in exported)
+
+
+def test_export_tf_after_importing_a_checkpoint_without_heads(tmp_path):
+    """Adam slots for the encoder only (the cls/ heads were initialised at import): the heads' moments
+    are Adam's zeros, the rest as imported."""
+    from bertopt.cli import main
+
+    original = read_tf_checkpoint(CKPT)
+    write_tf_checkpoint = pytest.importorskip("bertopt.interop.tf_checkpoint").write_tf_checkpoint
+    write_tf_checkpoint(tmp_path / "encoder" / "model.ckpt-5", {k: v for k, v in original.items()
+                                                                 if not k.startswith("cls/")})
+    assert main(["import-tf", str(tmp_path / "encoder" / "model.ckpt-5"), "--bert-config", str(CONFIG), "--vocab",
+                 str(HERE / "vocab.txt"), "--out", str(tmp_path / "run")]) == 0
+    assert main(["export-tf", str(tmp_path / "run"), "--out", str(tmp_path / "back" / "model.ckpt-5")]) == 0
+    back = read_tf_checkpoint(tmp_path / "back" / "model.ckpt-5")
+    assert back.keys() == original.keys()
+    for name, value in back.items():
+        if name.startswith("cls/") and name.endswith(("adam_m", "adam_v")):
+            assert value.shape == original[name].shape and not value.any(), name
+        elif not name.startswith("cls/"):
+            assert np.array_equal(value, original[name]), name
+
+
+def test_google_variables_refuses_an_optimizer_state_of_another_model(tensors):
+    imported = from_google_variables(tensors, CONFIG)
+    model = imported.model()
+    optimizer, _ = bertopt.create_optimizer(model, 5e-3, 10, 3)
+    imported.load_optimizer(optimizer)
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:
+        group["param_names"] = ["module." + n for n in group["param_names"]]  # e.g. a DDP wrapper's names
+    with pytest.raises(ValueError, match="no parameter named bert.embeddings.word_embeddings.weight"):
+        google_variables(model, state, 5)
