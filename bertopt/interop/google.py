@@ -368,6 +368,7 @@ def import_tf_checkpoint(ckpt, bert_config_json, vocab_txt, out_dir, *, do_lower
     from transformers import BertTokenizerFast
 
     from bertopt.interop.tf_checkpoint import read_tf_checkpoint
+    from bertopt.train.command import export_atomically
 
     vocab = _read_vocab(vocab_txt)
     imported = from_google_variables(read_tf_checkpoint(ckpt), bert_config_json, gelu=gelu)
@@ -377,11 +378,15 @@ def import_tf_checkpoint(ckpt, bert_config_json, vocab_txt, out_dir, *, do_lower
     if do_lower_case is None:
         do_lower_case = not any(any(c.isupper() for c in t) for t in vocab if not (t.startswith("[") and t.endswith("]")))
         imported.notes.append(f"casing guessed from the vocabulary: do_lower_case={do_lower_case}")
-    model_dir = Path(out_dir) / "model"
-    imported.model().save_pretrained(model_dir)
     tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=do_lower_case,
                                   model_max_length=imported.config.max_position_embeddings)
-    tokenizer.save_pretrained(model_dir)
+    model = imported.model()
+
+    def write(directory: Path) -> None:
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    export_atomically(write, Path(out_dir) / "model")  # a crash leaves no half-written model directory
     return imported
 
 

@@ -14,6 +14,7 @@ those moments and step, if present) as a TF checkpoint that Google's code reads.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 HELP = "import a Google BERT TF checkpoint (weights, Adam slots, global step) into a run directory"
@@ -44,8 +45,9 @@ def run(args: argparse.Namespace) -> int:
     prefix = resolve_prefix(args.checkpoint)
     imported = import_tf_checkpoint(prefix, args.bert_config, args.vocab, args.out,
                                     do_lower_case=args.do_lower_case, gelu=args.gelu)
-    torch.save({"global_step": imported.global_step, "slots": imported.slots, "notes": imported.notes},
-               args.out / OPTIMIZER_FILE)
+    tmp = args.out / f".{OPTIMIZER_FILE}.tmp-{os.getpid()}"
+    torch.save({"global_step": imported.global_step, "slots": imported.slots, "notes": imported.notes}, tmp)
+    os.replace(tmp, args.out / OPTIMIZER_FILE)  # whole or absent, never half-written
     print(f"imported {prefix}: {args.out / 'model'} (BertForPreTraining, hidden_act {imported.config.hidden_act}), "
           f"global_step {imported.global_step}, Adam slots {'imported' if imported.slots else 'absent'}")
     for note in imported.notes:

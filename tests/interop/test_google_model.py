@@ -22,7 +22,7 @@ import bertopt  # noqa: E402
 from bertopt.errors import UsageError  # noqa: E402
 from bertopt.interop.google import (  # noqa: E402
     export_tf_checkpoint, from_google_variables, google_variables, import_tf_checkpoint)
-from bertopt.interop.tf_checkpoint import read_tf_checkpoint  # noqa: E402
+from bertopt.interop.tf_checkpoint import read_tf_checkpoint, write_tf_checkpoint  # noqa: E402
 from bertopt.train.google_objective import (  # noqa: E402
     FEATURES, MlmNspObjective, features_to_tensors, google_losses)
 
@@ -295,7 +295,6 @@ def test_export_tf_after_importing_a_checkpoint_without_heads(tmp_path):
     from bertopt.cli import main
 
     original = read_tf_checkpoint(CKPT)
-    write_tf_checkpoint = pytest.importorskip("bertopt.interop.tf_checkpoint").write_tf_checkpoint
     write_tf_checkpoint(tmp_path / "encoder" / "model.ckpt-5", {k: v for k, v in original.items()
                                                                  if not k.startswith("cls/")})
     assert main(["import-tf", str(tmp_path / "encoder" / "model.ckpt-5"), "--bert-config", str(CONFIG), "--vocab",
@@ -320,3 +319,18 @@ def test_google_variables_refuses_an_optimizer_state_of_another_model(tensors):
         group["param_names"] = ["module." + n for n in group["param_names"]]  # e.g. a DDP wrapper's names
     with pytest.raises(ValueError, match="no parameter named bert.embeddings.word_embeddings.weight"):
         google_variables(model, state, 5)
+
+
+def test_import_interrupted_while_writing_leaves_no_model_directory(tmp_path, monkeypatch):
+    """The model directory is written beside and renamed into place: a failure while writing it
+    (here the tokenizer, written last) leaves none, so the same import-tf can simply run again."""
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.BertTokenizerFast, "save_pretrained", fail)
+    with pytest.raises(OSError):
+        import_tf_checkpoint(CKPT, CONFIG, HERE / "vocab.txt", tmp_path / "run")
+    assert not (tmp_path / "run" / "model").exists()
+    monkeypatch.undo()
+    import_tf_checkpoint(CKPT, CONFIG, HERE / "vocab.txt", tmp_path / "run")
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
