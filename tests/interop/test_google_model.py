@@ -102,7 +102,8 @@ def test_continuation_equals_tensorflows(tensors):
             diff = np.abs(ours[name] - RECORDED[key])
             kind = name.rsplit("/", 1)[-1] if name.endswith(("adam_m", "adam_v")) else "weights"
             worst[kind] = max(worst.get(kind, 0.0), float(diff.max()))
-            scale = {"weights": 1e-5, "adam_m": 1e-6, "adam_v": 1e-7}[kind]
+            # The moments' own scale: adam_m up to 0.076, adam_v up to 1.7e-4 (measured 7.5e-9 and 2.9e-11 apart).
+            scale = {"weights": 1e-5, "adam_m": 1e-7, "adam_v": 1e-9}[kind]
             assert diff.max() <= scale, (name, float(diff.max()))
     assert set(worst) == {"weights", "adam_m", "adam_v"}
     print("max abs difference after", len(steps), "steps:", worst)
