@@ -33,6 +33,11 @@ def run(args: argparse.Namespace) -> int:
     # Weights the directory does not hold (e.g. the pooler and next-sentence head of a BertForMaskedLM)
     # were initialised at random just now: leave them out, as Google's code initialises what it lacks.
     fresh = set(loading["missing_keys"])
+    encoder = sorted(k for k in fresh if not k.startswith(("cls.", "bert.pooler.")))
+    if encoder:
+        raise UsageError(f"{model_dir} is not a BERT model directory: it has no {encoder[0]} ({len(encoder)} encoder "
+                         "weights missing). export-tf writes a BERT (BertModel, BertForMaskedLM or BertForPreTraining "
+                         "directory, as import-tf and pretrain write them); give such a run directory")
     optimizer_state, step = None, args.global_step
     if (args.run_dir / OPTIMIZER_FILE).is_file():
         saved = load_imported_state(args.run_dir)

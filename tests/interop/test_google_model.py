@@ -335,3 +335,13 @@ def test_import_interrupted_while_writing_leaves_no_model_directory(tmp_path, mo
     monkeypatch.undo()
     import_tf_checkpoint(CKPT, CONFIG, HERE / "vocab.txt", tmp_path / "run")
     assert (tmp_path / "run" / "model" / "config.json").is_file()
+
+
+def test_export_tf_refuses_a_model_directory_that_is_not_a_bert(tmp_path, capsys):
+    from bertopt.cli import main
+
+    config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "run" / "model")
+    assert main(["export-tf", str(tmp_path / "run"), "--out", str(tmp_path / "out" / "model.ckpt")]) == 2
+    assert "is not a BERT model directory: it has no bert.embeddings" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
