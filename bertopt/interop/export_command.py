@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bertopt.interop.import_command import OPTIMIZER_FILE, load_imported_state
+from bertopt.interop.import_command import OPTIMIZER_FILE, load_imported_state, model_digest
 
 HELP = "export a run directory's BertForPreTraining (with imported Adam slots and step) as a Google TF checkpoint"
 
@@ -41,6 +41,11 @@ def run(args: argparse.Namespace) -> int:
     optimizer_state, step = None, args.global_step
     if (args.run_dir / OPTIMIZER_FILE).is_file():
         saved = load_imported_state(args.run_dir)
+        if saved.get("model_digest") not in (None, model_digest(model_dir)):
+            raise UsageError(
+                f"{model_dir} is not the model that import-tf wrote (it was trained or replaced since), so the Adam "
+                f"slots and global_step in {args.run_dir / OPTIMIZER_FILE} do not belong to it. Delete that file to "
+                "export the weights only (with --global-step N if you know the step)")
         step = saved["global_step"] if step is None else step
         if saved["slots"] is not None:
             # Parameters without imported slots (heads the Google checkpoint lacked) have zero moments.

@@ -345,3 +345,23 @@ def test_export_tf_refuses_a_model_directory_that_is_not_a_bert(tmp_path, capsys
     assert main(["export-tf", str(tmp_path / "run"), "--out", str(tmp_path / "out" / "model.ckpt")]) == 2
     assert "is not a BERT model directory: it has no bert.embeddings" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_export_tf_refuses_imported_slots_once_the_model_changed(tmp_path, capsys):
+    """google_optimizer.pt holds the moments and step of the weights import-tf wrote: a model/ replaced
+    since (e.g. by a pretrain run into the same directory) must not be exported with them."""
+    from bertopt.cli import main
+
+    assert main(["import-tf", str(CKPT), "--bert-config", str(CONFIG), "--vocab", str(HERE / "vocab.txt"),
+                 "--out", str(tmp_path / "run")]) == 0
+    model = transformers.BertForPreTraining.from_pretrained(tmp_path / "run" / "model")
+    with torch.no_grad():
+        model.bert.pooler.dense.bias.add_(1.0)
+    model.save_pretrained(tmp_path / "run" / "model")
+    capsys.readouterr()
+    assert main(["export-tf", str(tmp_path / "run"), "--out", str(tmp_path / "out" / "model.ckpt")]) == 2
+    assert "is not the model that import-tf wrote" in capsys.readouterr().err
+    (tmp_path / "run" / "google_optimizer.pt").unlink()
+    assert main(["export-tf", str(tmp_path / "run"), "--out", str(tmp_path / "out" / "model.ckpt")]) == 0
+    exported = read_tf_checkpoint(tmp_path / "out" / "model.ckpt")
+    assert "global_step" not in exported and not any(k.endswith("adam_m") for k in exported)
