@@ -323,6 +323,11 @@ def google_variables(model, optimizer_state: Mapping[str, Any] | None = None,
     for variable in table:
         if variable.torch not in params:
             raise ValueError(f"the model has no {variable.torch}: not a BertForPreTraining")
+        for tied in variable.tied:  # Google has one variable for both: a second, different one would be lost
+            if tied in params and not torch.equal(params[tied], params[variable.torch]):
+                raise ValueError(f"the model's {tied} differs from its {variable.torch}; Google's BERT holds one "
+                                 f"variable ({variable.google}) for both, so this model cannot be exported as it is "
+                                 "(tie them, e.g. with tie_word_embeddings=True, before training)")
         out[variable.google] = _to_google_layout(params[variable.torch], variable)
     if optimizer_state is not None:
         by_name = _optimizer_state_by_name(optimizer_state)

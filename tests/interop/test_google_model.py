@@ -365,3 +365,15 @@ def test_export_tf_refuses_imported_slots_once_the_model_changed(tmp_path, capsy
     assert main(["export-tf", str(tmp_path / "run"), "--out", str(tmp_path / "out" / "model.ckpt")]) == 0
     exported = read_tf_checkpoint(tmp_path / "out" / "model.ckpt")
     assert "global_step" not in exported and not any(k.endswith("adam_m") for k in exported)
+
+
+def test_export_refuses_an_untied_decoder(tensors):
+    imported = from_google_variables(tensors, CONFIG)
+    imported.config.tie_word_embeddings = False
+    model = imported.model()
+    with torch.no_grad():
+        model.cls.predictions.decoder.weight.add_(0.5)
+    assert model.cls.predictions.decoder.weight is not model.bert.embeddings.word_embeddings.weight
+    with pytest.raises(ValueError, match="cls.predictions.decoder.weight differs from its "
+                                         "bert.embeddings.word_embeddings.weight"):
+        google_variables(model)
