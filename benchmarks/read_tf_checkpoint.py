@@ -40,32 +40,16 @@ from bertopt.interop import crc32c
 from bertopt.interop.tf_checkpoint import _read_index, data_filename, read_tf_checkpoint, write_tf_checkpoint
 
 
-def google_bert_variables(layers=12, hidden=768, intermediate=3072, vocab=30522, positions=512) -> dict:
-    """Name -> shape of the float32 weights in Google's BERT checkpoints (modeling.py + run_pretraining.py)."""
-    shapes = {"bert/embeddings/word_embeddings": (vocab, hidden),
-              "bert/embeddings/token_type_embeddings": (2, hidden),
-              "bert/embeddings/position_embeddings": (positions, hidden),
-              "bert/embeddings/LayerNorm/gamma": (hidden,), "bert/embeddings/LayerNorm/beta": (hidden,)}
-    for i in range(layers):
-        layer = f"bert/encoder/layer_{i}"
-        for part in ("query", "key", "value"):
-            shapes[f"{layer}/attention/self/{part}/kernel"] = (hidden, hidden)
-            shapes[f"{layer}/attention/self/{part}/bias"] = (hidden,)
-        for dense, (n_in, n_out) in (("attention/output", (hidden, hidden)), ("intermediate", (hidden, intermediate)),
-                                     ("output", (intermediate, hidden))):
-            shapes[f"{layer}/{dense}/dense/kernel"] = (n_in, n_out)
-            shapes[f"{layer}/{dense}/dense/bias"] = (n_out,)
-        for norm in ("attention/output", "output"):
-            shapes[f"{layer}/{norm}/LayerNorm/gamma"] = (hidden,)
-            shapes[f"{layer}/{norm}/LayerNorm/beta"] = (hidden,)
-    shapes.update({"bert/pooler/dense/kernel": (hidden, hidden), "bert/pooler/dense/bias": (hidden,),
-                   "cls/predictions/transform/dense/kernel": (hidden, hidden),
-                   "cls/predictions/transform/dense/bias": (hidden,),
-                   "cls/predictions/transform/LayerNorm/gamma": (hidden,),
-                   "cls/predictions/transform/LayerNorm/beta": (hidden,),
-                   "cls/predictions/output_bias": (vocab,),
-                   "cls/seq_relationship/output_weights": (2, hidden), "cls/seq_relationship/output_bias": (2,)})
-    return shapes
+BERT_BASE = dict(num_hidden_layers=12, hidden_size=768, intermediate_size=3072, vocab_size=30522,
+                 max_position_embeddings=512, type_vocab_size=2)
+
+
+def google_bert_variables(config=BERT_BASE) -> dict:
+    """Name -> shape of the float32 weights in Google's BERT checkpoints (modeling.py + run_pretraining.py),
+    from the importer's own table (bertopt.interop.google)."""
+    from bertopt.interop.google import _expected_shape, variable_table
+
+    return {v.google: _expected_shape(v, config) for v in variable_table(config)}
 
 
 def write_checkpoint(prefix: str) -> dict:

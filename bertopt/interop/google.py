@@ -202,18 +202,13 @@ class GoogleCheckpoint:
             return state_dict
         step = torch.tensor(float(self.global_step or 0), dtype=torch.float32)
         state = {}
-        for group in state_dict["param_groups"]:
-            names = group.get("param_names")
-            if names is None:
-                raise ValueError("the optimizer's param groups carry no param_names; build it with bertopt.param_groups"
-                                 " or bertopt.create_optimizer so that Google's slots can be matched by name")
-            for index, name in zip(group["params"], names):
-                if name in self.slots:
-                    state[index] = {"step": step.clone(), **{k: v.clone() for k, v in self.slots[name].items()}}
-                elif name not in self.state_dict:
-                    raise ValueError(f"parameter {name} is not part of the imported BertForPreTraining; build the "
-                                     "optimizer on the model of this checkpoint (GoogleCheckpoint.model())")
-                # else: a head the checkpoint lacked (initialised afresh): its moments start at zero
+        for index, name in _indices_and_names(state_dict):
+            if name in self.slots:
+                state[index] = {"step": step.clone(), **{k: v.clone() for k, v in self.slots[name].items()}}
+            elif name not in self.state_dict:
+                raise ValueError(f"parameter {name} is not part of the imported BertForPreTraining; build the "
+                                 "optimizer on the model of this checkpoint (GoogleCheckpoint.model())")
+            # else: a head the checkpoint lacked (initialised afresh): its moments start at zero
         return {**state_dict, "state": state}
 
     def load_optimizer(self, optimizer: torch.optim.Optimizer, scheduler=None) -> None:
@@ -312,43 +307,56 @@ def _slots(tensors: Mapping[str, np.ndarray], table: list[Variable]):
 
 
 def google_variables(model, optimizer_state: Mapping[str, Any] | None = None,
-                     global_step: int | None = None) -> dict[str, np.ndarray]:
+                     global_step: int | None = None, *, leave_out=()) -> dict[str, np.ndarray]:
     """A ``BertForPreTraining`` (or anything with its ``bert``/``cls`` submodules and names) as
     Google's variables, float32 numpy arrays; with ``optimizer_state`` (a BertAdam or other Adam
     ``state_dict()`` whose param groups carry ``param_names``) also ``<variable>/adam_m`` and
-    ``/adam_v``; with ``global_step`` also ``global_step`` (int64), as run_pretraining.py saves."""
+    ``/adam_v`` (zeros for a parameter without state yet: Adam's moments before its first
+    update); with ``global_step`` also ``global_step`` (int64), as run_pretraining.py saves.
+    ``leave_out``: torch names of parameters the model does not really hold (initialised afresh
+    when it was loaded), not written: Google's code initialises what a checkpoint lacks."""
     params = dict(model.state_dict())
     config = model.config
-    table = variable_table({"num_hidden_layers": config.num_hidden_layers})
+    table = [v for v in variable_table({"num_hidden_layers": config.num_hidden_layers})
+             if v.torch not in leave_out]
     out: dict[str, np.ndarray] = {}
     for variable in table:
         if variable.torch not in params:
             raise ValueError(f"the model has no {variable.torch}: not a BertForPreTraining")
+        for tied in variable.tied:  # Google has one variable for both: a second, different one would be lost
+            if tied in params and not torch.equal(params[tied], params[variable.torch]):
+                raise ValueError(f"the model's {tied} differs from its {variable.torch}; Google's BERT holds one "
+                                 f"variable ({variable.google}) for both, so this model cannot be exported as it is "
+                                 "(tie them, e.g. with tie_word_embeddings=True, before training)")
         out[variable.google] = _to_google_layout(params[variable.torch], variable)
     if optimizer_state is not None:
         by_name = _optimizer_state_by_name(optimizer_state)
         for variable in table:
             state = by_name.get(variable.torch)
-            if not state or "exp_avg" not in state:
-                raise ValueError(f"the optimizer state has no moments for {variable.torch}; export after at least one "
-                                 "step, or without optimizer_state for weights only")
+            if state is None:
+                raise ValueError(f"the optimizer state has no parameter named {variable.torch} (its param_names "
+                                 f"begin {list(by_name)[:3]}): it is not the state of an optimizer over this model")
             for slot, torch_key in SLOT_SUFFIXES.items():
-                out[f"{variable.google}/{slot}"] = _to_google_layout(state[torch_key], variable)
+                moment = state.get(torch_key, torch.zeros_like(params[variable.torch], dtype=torch.float32))
+                out[f"{variable.google}/{slot}"] = _to_google_layout(moment, variable)
     if global_step is not None:
         out[GLOBAL_STEP] = np.asarray(int(global_step), dtype=np.int64)
     return out
 
 
-def _optimizer_state_by_name(optimizer_state: Mapping[str, Any]) -> dict[str, dict]:
-    by_name = {}
+def _indices_and_names(optimizer_state: Mapping[str, Any]):
+    """(state index, parameter name) of every parameter of an optimizer ``state_dict()``."""
     for group in optimizer_state["param_groups"]:
         names = group.get("param_names")
         if names is None:
-            raise ValueError("the optimizer state's param groups carry no param_names; build the optimizer with "
-                             "bertopt.param_groups or bertopt.create_optimizer")
-        for index, name in zip(group["params"], names):
-            by_name[name] = optimizer_state["state"].get(index, {})
-    return by_name
+            raise ValueError("the optimizer's param groups carry no param_names, so Google's slots cannot be matched "
+                             "to parameters by name: build the optimizer with bertopt.param_groups or "
+                             "bertopt.create_optimizer")
+        yield from zip(group["params"], names)
+
+
+def _optimizer_state_by_name(optimizer_state: Mapping[str, Any]) -> dict[str, dict]:
+    return {name: optimizer_state["state"].get(index, {}) for index, name in _indices_and_names(optimizer_state)}
 
 
 # --- files ------------------------------------------------------------------------------------
@@ -365,6 +373,7 @@ def import_tf_checkpoint(ckpt, bert_config_json, vocab_txt, out_dir, *, do_lower
     from transformers import BertTokenizerFast
 
     from bertopt.interop.tf_checkpoint import read_tf_checkpoint
+    from bertopt.train.command import export_atomically
 
     vocab = _read_vocab(vocab_txt)
     imported = from_google_variables(read_tf_checkpoint(ckpt), bert_config_json, gelu=gelu)
@@ -374,11 +383,15 @@ def import_tf_checkpoint(ckpt, bert_config_json, vocab_txt, out_dir, *, do_lower
     if do_lower_case is None:
         do_lower_case = not any(any(c.isupper() for c in t) for t in vocab if not (t.startswith("[") and t.endswith("]")))
         imported.notes.append(f"casing guessed from the vocabulary: do_lower_case={do_lower_case}")
-    model_dir = Path(out_dir) / "model"
-    imported.model().save_pretrained(model_dir)
     tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=do_lower_case,
                                   model_max_length=imported.config.max_position_embeddings)
-    tokenizer.save_pretrained(model_dir)
+    model = imported.model()
+
+    def write(directory: Path) -> None:
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    export_atomically(write, Path(out_dir) / "model")  # a crash leaves no half-written model directory
     return imported
 
 
@@ -399,10 +412,12 @@ def _read_vocab(vocab_txt) -> list[str]:
     return tokens
 
 
-def export_tf_checkpoint(model, optimizer_state: Mapping[str, Any] | None, global_step: int | None, prefix) -> None:
+def export_tf_checkpoint(model, optimizer_state: Mapping[str, Any] | None, global_step: int | None, prefix, *,
+                         leave_out=()) -> None:
     """Write ``model`` (a BertForPreTraining) with its BertAdam state and step as a TF checkpoint at
     ``prefix`` (``prefix.index`` + ``prefix.data-00000-of-00001``) that Google's
-    ``run_pretraining.py --init_checkpoint`` and ``tf.train.load_checkpoint`` read."""
+    ``run_pretraining.py --init_checkpoint`` and ``tf.train.load_checkpoint`` read
+    (``leave_out``: as :func:`google_variables`)."""
     from bertopt.interop.tf_checkpoint import write_tf_checkpoint
 
-    write_tf_checkpoint(prefix, google_variables(model, optimizer_state, global_step))
+    write_tf_checkpoint(prefix, google_variables(model, optimizer_state, global_step, leave_out=leave_out))

@@ -14,6 +14,7 @@ those moments and step, if present) as a TF checkpoint that Google's code reads.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 HELP = "import a Google BERT TF checkpoint (weights, Adam slots, global step) into a run directory"
@@ -44,8 +45,10 @@ def run(args: argparse.Namespace) -> int:
     prefix = resolve_prefix(args.checkpoint)
     imported = import_tf_checkpoint(prefix, args.bert_config, args.vocab, args.out,
                                     do_lower_case=args.do_lower_case, gelu=args.gelu)
-    torch.save({"global_step": imported.global_step, "slots": imported.slots, "notes": imported.notes},
-               args.out / OPTIMIZER_FILE)
+    tmp = args.out / f".{OPTIMIZER_FILE}.tmp-{os.getpid()}"
+    torch.save({"global_step": imported.global_step, "slots": imported.slots, "notes": imported.notes,
+                "model_digest": model_digest(args.out / "model")}, tmp)
+    os.replace(tmp, args.out / OPTIMIZER_FILE)  # whole or absent, never half-written
     print(f"imported {prefix}: {args.out / 'model'} (BertForPreTraining, hidden_act {imported.config.hidden_act}), "
           f"global_step {imported.global_step}, Adam slots {'imported' if imported.slots else 'absent'}")
     for note in imported.notes:
@@ -53,8 +56,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def model_digest(model_dir) -> str:
+    """sha256 of a model directory's weight files: tells export-tf whether model/ is still the
+    model whose Adam slots and global_step import-tf saved beside it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.bin")):
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def load_imported_state(run_dir) -> dict:
-    """``{"global_step", "slots", "notes"}`` that ``import-tf`` saved in ``run_dir``."""
+    """``{"global_step", "slots", "notes", "model_digest"}`` that ``import-tf`` saved in ``run_dir``."""
     import torch
 
     return torch.load(Path(run_dir) / OPTIMIZER_FILE, weights_only=True)

@@ -119,7 +119,7 @@ class _Entry:
                 for n, dim in _fields(v):
                     if n == 2:
                         dims.append(next((_int64(s) for k, s in _fields(dim) if k == 1), 0))
-                    elif n == 3 and v:
+                    elif n == 3 and dim:  # unknown_rank: true
                         raise sstable.TableError("a tensor of unknown rank")
                 self.shape = tuple(dims)
             elif number == 3:
@@ -280,7 +280,9 @@ def _ordered_signed(value: int) -> bytes:
 
 def _slice_key(name: str, extents: tuple[tuple[int, int], ...]) -> str:
     key = bytearray(_ordered_num(0))
-    key += name.encode("utf-8").replace(b"\xff", b"\xff\x00").replace(b"\0", b"\0\xff") + b"\0\x01"
+    # OrderedCode's String: 0x00 -> 00 ff and 0xff -> ff 00, each byte escaped once; then 00 01.
+    raw = name.encode("utf-8", errors="surrogateescape")
+    key += re.sub(rb"[\x00\xff]", lambda m: m.group() + (b"\xff" if m.group() == b"\0" else b"\0"), raw) + b"\0\x01"
     key += _ordered_num(len(extents))
     for start, length in extents:
         key += _ordered_signed(start) + _ordered_signed(length)

@@ -67,7 +67,13 @@ class BatchTotals(NamedTuple):
 
 
 def batch_totals(features: Mapping) -> BatchTotals:
-    """:class:`BatchTotals` of a whole (global) batch of features, numpy arrays or tensors."""
+    """:class:`BatchTotals` of a whole (global) batch of features, numpy arrays or tensors.
+
+    Under DDP, where each rank holds only its share of the batch, the totals of the share are not
+    the global ones: the caller sums ``examples`` and ``masked_lm_weight_sum`` over the ranks (one
+    all-reduce, before the micro-batches run). That gives the loss of run_pretraining.py on one
+    device; on TPUs Google's code instead computes each core's loss with its own share's weight sum
+    and averages the cores' gradients (``CrossShardOptimizer``)."""
     weights = _numpy(features["masked_lm_weights"]).astype(np.float32)
     return BatchTotals(examples=len(weights), masked_lm_weight_sum=float(weights.sum(dtype=np.float32)))
 

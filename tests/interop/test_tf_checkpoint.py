@@ -314,3 +314,15 @@ def test_partitioned_variable_slices_are_checked(tmp_path):
                                                 r"checksum"):
         read_tf_checkpoint(prefix)
     assert read_tf_checkpoint(prefix, names=["part"])["part"].tolist() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+
+def test_slice_key_escapes_each_byte_once():
+    """OrderedCode's String escapes 0x00 as 00 ff and 0xff as ff 00, each byte of the name once
+    (two chained replaces escaped the 00 of an ff 00 again); a name read with surrogateescape
+    (an index key that is not UTF-8) encodes back to its bytes."""
+    from bertopt.interop.tf_checkpoint import _slice_key
+
+    key = _slice_key("a\udcffb\0c", ((1, -1),)).encode("utf-8", errors="surrogateescape")
+    # NumIncreasing(0), the escaped name and its 00 01 terminator, NumIncreasing(1), then
+    # SignedNumIncreasing(1) = 0x81 and SignedNumIncreasing(-1) = 0x7f.
+    assert key == b"\x00" + b"a\xff\x00b\x00\xffc" + b"\x00\x01" + b"\x01\x01" + b"\x81\x7f"

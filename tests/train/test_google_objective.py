@@ -95,11 +95,16 @@ def test_shortcut_equals_full_forward(attention):
 
 def test_google_loss_formula():
     model, f = tiny_model(), features()
+    # Weights other than 1 (Google's data has 1 and 0; the formula weights each slot's loss).
+    f["masked_lm_weights"] = f["masked_lm_weights"] * torch.linspace(0.25, 2.0, f["masked_lm_weights"].numel()).view(
+        f["masked_lm_weights"].shape)
     terms = MlmNspObjective(model)(**f)
     mlm, nsp, total = google_losses(terms)
     w = f["masked_lm_weights"]
     labels = f["masked_lm_ids"][w > 0]
-    expected_mlm = -terms.masked_lm_log_probs[torch.arange(len(labels)), labels].sum() / (w.sum() + 1e-5)
+    nll = -terms.masked_lm_log_probs[torch.arange(len(labels)), labels]
+    expected_mlm = (w[w > 0] * nll).sum() / (w.sum() + 1e-5)
+    assert abs(float(expected_mlm.detach()) - float((nll.sum() / (w.sum() + 1e-5)).detach())) > 1e-3  # weighting matters
     expected_nsp = -terms.next_sentence_log_probs[torch.arange(8), f["next_sentence_labels"][:, 0]].mean()
     torch.testing.assert_close(mlm, expected_mlm, rtol=1e-6, atol=0)
     torch.testing.assert_close(nsp, expected_nsp, rtol=1e-6, atol=0)
