@@ -2,7 +2,7 @@
 
     config = PretrainConfig(preset="mini", steps=2000, optim=OptimConfig(lr=2e-3),
                             run=RunConfig(out=Path("runs/mini"), precision="bf16"))
-    summary = bertopt.train.pretrain.main(config)
+    summary = bertopt.train.command.train("pretrain", config)
 
 Three pieces, as in Hugging Face's ``run_mlm.py`` argument dataclasses:
 

@@ -20,7 +20,6 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from bertopt.train.config import FinetuneConfig
 
@@ -339,10 +338,3 @@ def build_job(config: FinetuneConfig, ctx, log):
                resume_must_match=(*RESUME_SETTINGS, *optim.settings(), "batch_size", "seed"), export=export,
                finish=task.evaluate_test, plot_eval_loss="dev_loss", plot_eval_metric="dev_accuracy",
                report=report)
-
-
-def main(config: FinetuneConfig) -> dict[str, Any]:
-    """Fine-tune as configured; returns the summary (also in ``<out>/summary.json``)."""
-    from bertopt.train.command import train
-
-    return train("finetune", config)

@@ -37,7 +37,7 @@ from bertopt.train.job import Job, NonFiniteLoss, StepOutput, TrainingError, Tra
 from bertopt.train.precision import MixedPrecision
 from bertopt.train.report import MetricsLog, plot_metrics, read_metrics, run_summary, write_summary
 from bertopt.train.resume import intact, restore, save
-from bertopt.train.state import LoopState, StepStats, Window
+from bertopt.train.state import LoopState, StepStats, Training, Window
 
 __all__ = ["run_training", "Training", "LoopResult", "train_step", "apply_update", "TrainingError", "NonFiniteLoss",
            "StepOutput", "TrainingTask", "LoopState"]
@@ -53,28 +53,6 @@ class LoopResult:
     summary: dict[str, Any]  # what summary.json holds (empty on ranks other than 0)
     checkpoint: Path | None  # manifest of the last checkpoint written
     plots: list[Path]
-
-
-@dataclass
-class Training:
-    """What one run trains, and with what: passed to every step of the loop."""
-
-    model: torch.nn.Module  # job.model, wrapped for DDP/FSDP2 and compiled as asked
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    job: Job
-    config: RunConfig
-    ctx: DistContext
-    amp: MixedPrecision
-    eval_every: int  # resolved once: Job.eval_every(config.eval_every)
-
-    @property
-    def task(self) -> TrainingTask:
-        return self.job.task
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return Path(self.config.out) / "checkpoints"
 
 
 class _StopRequests:

@@ -289,14 +289,6 @@ def build_job(config: PretrainConfig, ctx, log):
                summary={"data": prepared.stats}, report=report)
 
 
-def main(config: PretrainConfig) -> dict:
-    """Pretrain as configured; returns the summary (also in <out>/summary.json; empty on ranks other
-    than 0). For in-process use: ``main(PretrainConfig(steps=100, optim=OptimConfig(lr=1e-3)))``."""
-    from bertopt.train.command import train
-
-    return train("pretrain", config)
-
-
 def save_model_dir(model_state: dict, config, tokenizer_file: Path, directory: Path, *, lowercase: bool) -> Path:
     """A Hugging Face model directory (BertForMaskedLM + tokenizer) written into ``directory``."""
     from transformers import BertForMaskedLM

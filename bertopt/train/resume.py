@@ -6,14 +6,9 @@ a new run. The file format (manifests, hashes, atomic writes, retention) is :mod
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 from bertopt.train import checkpoint as ckpt
 from bertopt.train.job import TrainingError
-from bertopt.train.state import LoopState
-
-if TYPE_CHECKING:
-    from bertopt.train.loop import Training
+from bertopt.train.state import LoopState, Training
 
 
 def restore(run: Training) -> LoopState:

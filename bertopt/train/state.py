@@ -1,5 +1,6 @@
-"""The training loop's state: what a checkpoint carries (:class:`LoopState`, with the logging
-:class:`Window` and the skipped-update counts) and what one step reports (:class:`StepStats`).
+"""What the training loop works with: :class:`Training`, the run's fixed parts (model, optimizer,
+job, settings); :class:`LoopState`, what changes and what a checkpoint carries (with the logging
+:class:`Window` and the skipped-update counts); and :class:`StepStats`, what one step reports.
 
 Three things can keep an update from being applied, each counted once:
 
@@ -21,6 +22,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from bertopt.train.config import RunConfig
+from bertopt.train.distributed import DistContext
+from bertopt.train.job import Job, TrainingTask
+from bertopt.train.precision import MixedPrecision
 
 
 @dataclass
@@ -100,3 +108,25 @@ class LoopState:
         if own is None and not self.overflow_steps:
             return None
         return int(own or 0) + self.overflow_steps
+
+
+@dataclass
+class Training:
+    """What one run trains, and with what: passed to every step of the loop."""
+
+    model: torch.nn.Module  # job.model, wrapped for DDP/FSDP2 and compiled as asked
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    job: Job
+    config: RunConfig
+    ctx: DistContext
+    amp: MixedPrecision
+    eval_every: int  # resolved once: Job.eval_every(config.eval_every)
+
+    @property
+    def task(self) -> TrainingTask:
+        return self.job.task
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.config.out) / "checkpoints"
