@@ -127,7 +127,7 @@ class MaskedLMTask:
         return model(input_ids, rows, cols, labels)
 
     def forward(self, model, batch):
-        from bertopt.train.loop import StepOutput
+        from bertopt.train.job import StepOutput
 
         loss_sum, correct = self.run_model(model, batch)
         return StepOutput(loss_sum, count=len(batch.labels), tokens=batch.input_ids.size,
@@ -194,7 +194,8 @@ def build_job(config: PretrainConfig, ctx, log):
     import torch
 
     from bertopt.train import data as data_mod
-    from bertopt.train.command import Job, ensure_writable_dir
+    from bertopt.train.checkpoint import ensure_writable_dir
+    from bertopt.train.job import Job
     from bertopt.train.presets import build_config, config_from_file
 
     if config.init_from is not None:
@@ -262,14 +263,14 @@ def build_job(config: PretrainConfig, ctx, log):
         "whole_word_masking": config.whole_word_masking,
         "init_from": str(config.init_from) if config.init_from else None,
         "grad_accum_steps": config.run.grad_accum_steps, "precision": config.run.precision,
-        "fsdp": bool(config.fsdp and ctx.enabled), "processes": ctx.world_size,
+        "fsdp": bool(config.run.fsdp and ctx.enabled), "processes": ctx.world_size,
         "train_sequences": len(train_rows), "eval_sequences": len(eval_rows),
     }
     log(f"model: BERT {model_name}, {n_params / 1e6:.2f}M parameters, vocab {prepared.vocab_size}; "
         f"{len(train_rows):,} training / {len(eval_rows)} held-out sequences of {config.seq_len} tokens; "
         f"{config.steps} steps of {batch_size} sequences, {optim.optimizer} lr {optim.lr:g} "
         f"({optim.schedule_style} schedule, warmup {optim.warmup_proportion:g})"
-        + (f"; {ctx.world_size} processes ({'FSDP2' if config.fsdp else 'DDP'}, {ctx.backend})" if ctx.enabled else ""))
+        + (f"; {ctx.world_size} processes ({'FSDP2' if config.run.fsdp else 'DDP'}, {ctx.backend})" if ctx.enabled else ""))
 
     def export(model_state: dict, directory: Path) -> None:
         save_model_dir(model_state, bert_config, prepared.tokenizer_file, directory, lowercase=config.lowercase)
@@ -281,16 +282,8 @@ def build_job(config: PretrainConfig, ctx, log):
 
     return Job(model=masked_lm_objective(mlm), task=task, total_steps=config.steps,
                title=f"pretrain BERT-{model_name}", run_info=run_info, resume_must_match=RESUME_MUST_MATCH,
-               export=export, shard_modules=mlm.bert.encoder.layer, eval_every=config.run.eval_every or 0,
+               export=export, shard_modules=mlm.bert.encoder.layer,
                summary={"data": prepared.stats}, report=report)
-
-
-def main(config: PretrainConfig) -> dict:
-    """Pretrain as configured; returns the summary (also in <out>/summary.json; empty on ranks other
-    than 0). For in-process use: ``main(PretrainConfig(steps=100, optim=OptimConfig(lr=1e-3)))``."""
-    from bertopt.train.command import train
-
-    return train("pretrain", config, build_job)
 
 
 def save_model_dir(model_state: dict, config, tokenizer_file: Path, directory: Path, *, lowercase: bool) -> Path:
