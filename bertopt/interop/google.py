@@ -373,7 +373,7 @@ def import_tf_checkpoint(ckpt, bert_config_json, vocab_txt, out_dir, *, do_lower
     from transformers import BertTokenizerFast
 
     from bertopt.interop.tf_checkpoint import read_tf_checkpoint
-    from bertopt.train.command import export_atomically
+    from bertopt.train.checkpoint import export_atomically
 
     vocab = _read_vocab(vocab_txt)
     imported = from_google_variables(read_tf_checkpoint(ckpt), bert_config_json, gelu=gelu)

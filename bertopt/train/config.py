@@ -196,8 +196,9 @@ class PretrainConfig:
     whole_word_masking: bool = _doc(False, "mask all WordPiece pieces of a chosen word together (Google's later "
                                            "BERT models; default: off, as BERT)")
     eval_sequences: int = _doc(256, "held-out sequences to evaluate on (or all there are)")
-    cache_dir: Path | None = _doc(None, "where tokenizers and token ids are cached (default: $BERTOPT_CACHE or "
-                                        "~/.cache/bertopt/pretrain)")
+    cache_dir: Path | None = _doc(None, "where tokenizers and token ids are cached (default: "
+                                        "$BERTOPT_CACHE_DIR/pretrain, else ~/.cache/bertopt/pretrain; "
+                                        "$BERTOPT_CACHE still works but is deprecated)")
     steps: int = _doc(1500, "optimizer steps")  # about 3 minutes of training on 2 CPU cores (make run)
 
     def __post_init__(self) -> None:
