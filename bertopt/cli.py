@@ -32,6 +32,7 @@ OTHER_COMMANDS = {
     "schedule": "bertopt.train.schedule_plot",
     "bench": "bertopt.bench.command",
     "study": "bertopt.study.command",
+    "create-pretraining-data": "bertopt.interop.pairs_command",
 }
 TRAINING_HELP = {
     "pretrain": "pretrain a BERT masked language model (default: a small BERT on a Wikipedia sample, ~3 min on 2 CPUs)",

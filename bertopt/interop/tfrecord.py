@@ -37,7 +37,10 @@ PRETRAINING_FEATURES = {
     "masked_lm_weights": (FLOAT, "max_predictions", np.float32),
     "next_sentence_labels": (INT64, "one", np.int8),
 }
-OPTIONAL_FEATURES = ("next_sentence_labels",)  # masked-LM-only shards (the objective follows)
+OPTIONAL_FEATURES = ("next_sentence_labels",)
+# Map entries are written in the order of Google's script. TensorFlow's own serializer writes them
+# in a hash order that changes from process to process, so files are compared feature by feature.
+SERIALIZED_ORDER = tuple(PRETRAINING_FEATURES)  # masked-LM-only shards (the objective follows)
 
 
 class TFRecordError(UsageError):
@@ -645,8 +648,8 @@ def read_pretraining_shards(paths, seq_len: int | None = None, max_predictions: 
 
 def pretraining_example(input_ids, input_mask, segment_ids, masked_lm_positions, masked_lm_ids,
                         masked_lm_weights, next_sentence_label: int | None) -> bytes:
-    """One serialized Example with Google's features, in the order its script writes them."""
-    features = {
+    """One serialized Example with Google's features (in :data:`SERIALIZED_ORDER`)."""
+    values = {
         "input_ids": (INT64, input_ids),
         "input_mask": (INT64, input_mask),
         "segment_ids": (INT64, segment_ids),
@@ -655,8 +658,8 @@ def pretraining_example(input_ids, input_mask, segment_ids, masked_lm_positions,
         "masked_lm_weights": (FLOAT, masked_lm_weights),
     }
     if next_sentence_label is not None:
-        features["next_sentence_labels"] = (INT64, [next_sentence_label])
-    return encode_example(features)
+        values["next_sentence_labels"] = (INT64, [next_sentence_label])
+    return encode_example({name: values[name] for name in SERIALIZED_ORDER if name in values})
 
 
 def write_pretraining_shard(path: str, shards: PretrainingShards, rows=None) -> int:

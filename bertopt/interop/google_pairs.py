@@ -1,0 +1,559 @@
+"""Google BERT's ``create_pretraining_data.py``, exactly, in bounded memory.
+
+Same instances in the same order as Google's script for the same input, vocabulary, seed and
+options: every draw of its ``random.Random(seed)`` is made here too, in the same order and by the
+same methods (``shuffle``; ``randint(a, b)`` as ``a + _randbelow(b - a + 1)``, which is what
+``randint`` does; ``random()``): the document shuffle, per document the short-target draw, the
+split point ``a_end``, the random-next coin, the random document (up to 10 tries to avoid the same
+one) and its start sentence, ``truncate_seq_pair``'s front/back coins, the masking's candidate
+shuffle (of whole words with ``do_whole_word_mask``, as in Google's later version of the script),
+the 80/10/10 draws and the random word, and the final shuffle of all instances.
+
+Memory: Google holds every instance of every dupe pass as Python objects until its final
+shuffle. Here the tokenized documents live in one memory-mapped token file (sentence and document
+offsets beside it: the random next segment needs any document at any time), each instance goes to
+a fixed-size record of a temporary file as it is made, and the final shuffle runs on an array of
+instance numbers (4 bytes each) with the same draws as ``random.shuffle``. The output files are
+then written in that order, round-robin over the files as Google's
+``write_instance_to_example_files`` does.
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bertopt.errors import UsageError
+from bertopt.interop import tfrecord
+from bertopt.interop.google_tokenizer import GoogleTokenizer, load_vocab
+
+LINES_PER_BATCH = 20_000
+INSTANCES_PER_BLOCK = 8192
+LONG_DOCUMENT_LINES = 100_000  # a "document" this long is most likely a file without blank lines
+
+
+@dataclass
+class PairOptions:
+    """Google's flags, same names and defaults."""
+
+    max_seq_length: int = 128
+    max_predictions_per_seq: int = 20
+    masked_lm_prob: float = 0.15
+    random_seed: int = 12345
+    dupe_factor: int = 10
+    short_seq_prob: float = 0.1
+    do_lower_case: bool = True
+    do_whole_word_mask: bool = False
+
+    def check(self) -> None:
+        if self.max_seq_length < 5:
+            raise UsageError(
+                f"--max-seq-length {self.max_seq_length} is too small: an instance is [CLS] A [SEP] B [SEP] with at "
+                "least one token in each segment, so it needs at least 5 (Google's script fails below that; "
+                "BERT used 128 and 512).")
+        if self.max_predictions_per_seq < 1:
+            raise UsageError("--max-predictions-per-seq must be at least 1 (Google masks at least one token "
+                             "per instance; BERT used 20 at length 128 and 80 at 512).")
+        if not 0.0 <= self.masked_lm_prob <= 1.0 or not 0.0 <= self.short_seq_prob <= 1.0:
+            raise UsageError("--masked-lm-prob and --short-seq-prob are probabilities: give values in [0, 1] "
+                             "(Google's defaults are 0.15 and 0.1).")
+        if self.dupe_factor < 1:
+            raise UsageError("--dupe-factor must be at least 1 (it is the number of passes over the corpus, each "
+                             "with different masks; Google's default is 10).")
+
+
+@dataclass
+class Corpus:
+    """Tokenized documents: ``tokens`` (memory-mapped) holds every sentence's ids back to back;
+    sentence k is ``tokens[sentence_starts[k]:sentence_starts[k + 1]]``; document d is sentences
+    ``doc_starts[d]:doc_starts[d + 1]``."""
+
+    tokens: np.ndarray
+    sentence_starts: np.ndarray
+    doc_starts: np.ndarray
+    lines: int = 0
+    python_lines: int = 0
+
+    @property
+    def documents(self) -> int:
+        return len(self.doc_starts) - 1
+
+
+# --- reading and tokenizing ---------------------------------------------------------------------
+
+
+def _line_batches(paths: list[str]):
+    """Stripped lines of every file, in batches, as Google reads them (split at '\\n' only)."""
+    batch: list[str] = []
+    for path in paths:
+        with open(path, "rb") as f:
+            rest = b""
+            number = 0
+            while True:
+                block = f.read(1 << 23)
+                if not block:
+                    break
+                parts = (rest + block).split(b"\n")
+                rest = parts.pop()
+                for raw in parts:
+                    number += 1
+                    batch.append(_decode(raw, path, number).strip())
+                if len(batch) >= LINES_PER_BATCH:
+                    yield batch
+                    batch = []
+            if rest:
+                batch.append(_decode(rest, path, number + 1).strip())
+    if batch:
+        yield batch
+
+
+def _decode(raw: bytes, path: str, number: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"{path}, line {number}: not UTF-8 ({e.reason} at byte {e.start} of the line). Google's script "
+            "reads UTF-8 text and stops on this too; convert the file (e.g. iconv -f latin1 -t utf-8) or drop "
+            "the bad bytes (iconv -c -f utf-8 -t utf-8).") from None
+
+
+_worker_tokenizer: GoogleTokenizer | None = None
+
+
+def _init_worker(vocab, do_lower_case):
+    global _worker_tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tokenizer = GoogleTokenizer(vocab, do_lower_case)
+
+
+def _tokenize_batch(lines: list[str]):
+    """(ids of all lines back to back, per-line lengths, empty-line flags, python lines)."""
+    tok = _worker_tokenizer
+    before = tok.python_lines
+    ids = tok.tokenize_lines(lines)
+    lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+    flat = np.concatenate(ids) if ids else np.zeros(0, np.int32)
+    empty = np.fromiter((not line for line in lines), dtype=bool, count=len(lines))
+    return flat, lengths, empty, tok.python_lines - before
+
+
+def read_corpus(paths: list[str], vocab: dict[str, int], do_lower_case: bool, workdir: str,
+                workers: int = 1) -> Corpus:
+    """Google's reading loop: a blank line starts a new document, lines without tokens are skipped,
+    empty documents dropped. Tokens go to ``workdir/tokens.bin``."""
+    token_dtype = np.uint16 if len(vocab) <= 1 << 16 else np.int32
+    token_path = os.path.join(workdir, "tokens.bin")
+    sentence_lengths = array.array("q")
+    doc_sentence_counts = array.array("q", [0])  # Google's all_documents = [[]]
+    doc_first_line = array.array("q", [1])  # line number (over all files) where each document starts
+    lines_seen = python_lines = 0
+    line_file = _line_origin(paths)
+    batches = _line_batches(paths)
+    if workers > 1:
+        import multiprocessing as mp
+        pool = mp.get_context("fork").Pool(workers, _init_worker, (vocab, do_lower_case))
+        results = pool.imap(_tokenize_batch, batches)
+    else:
+        pool = None
+        _init_worker(vocab, do_lower_case)
+        results = map(_tokenize_batch, batches)
+    try:
+        with open(token_path, "wb") as out:
+            for flat, lengths, empty, py in results:
+                python_lines += py
+                keep = lengths > 0
+                flat.astype(token_dtype).tofile(out)
+                # Document breaks: each empty line appends a new document.
+                if empty.any():
+                    breaks = np.flatnonzero(empty)
+                    segments = np.split(keep, breaks)
+                    doc_sentence_counts[-1] += int(segments[0].sum())
+                    for b, seg in zip(breaks.tolist(), segments[1:]):
+                        doc_sentence_counts.append(int(seg[1:].sum()))
+                        if doc_sentence_counts[-2] > LONG_DOCUMENT_LINES:
+                            _warn_long(line_file(doc_first_line[-1]), doc_sentence_counts[-2])
+                        doc_first_line.append(lines_seen + b + 2)
+                else:
+                    doc_sentence_counts[-1] += int(keep.sum())
+                sentence_lengths.extend(lengths[keep].tolist())
+                lines_seen += len(lengths)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    counts = np.frombuffer(doc_sentence_counts, dtype=np.int64)
+    if counts[-1] > LONG_DOCUMENT_LINES:
+        _warn_long(line_file(doc_first_line[-1]), int(counts[-1]))
+    nonempty = counts[counts > 0]
+    doc_starts = np.concatenate([[0], np.cumsum(nonempty)])
+    sentence_starts = np.concatenate([[0], np.cumsum(np.frombuffer(sentence_lengths, dtype=np.int64))])
+    if len(nonempty) < 2:
+        raise UsageError(
+            f"the input has {len(nonempty)} document{'s' if len(nonempty) != 1 else ''} ({lines_seen} lines in "
+            f"{', '.join(paths)}): the next-sentence task draws its random second segments from *other* "
+            "documents, so it needs at least two. The format is Google's: one sentence per line, and a blank "
+            "line between documents (e.g. between articles or books). Add the blank lines.")
+    tokens = np.memmap(token_path, dtype=token_dtype, mode="r") if sentence_starts[-1] else np.zeros(0, token_dtype)
+    return Corpus(tokens, sentence_starts, doc_starts, lines_seen, python_lines)
+
+
+def _line_origin(paths):
+    """Line number (1-based, over all files) -> (file, line in that file); counted lazily."""
+    counts: list[int] = []
+
+    def origin(n):
+        if not counts:
+            for p in paths:
+                with open(p, "rb") as f:
+                    counts.append(sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 23), b"")) + 1)
+        for p, c in zip(paths, counts):
+            if n <= c:
+                return p, n
+            n -= c
+        return paths[-1], n
+    return origin
+
+
+def _warn_long(first, lines):
+    path, line = first
+    warnings.warn(
+        f"{path}: the document starting at line {line} has {lines} lines with no blank line: documents are "
+        "separated by blank lines (one sentence per line). If this file has no document breaks, the "
+        "next-sentence pairs and random segments will not be what BERT expects; add blank lines between "
+        "documents.", stacklevel=2)
+
+
+# --- instances ----------------------------------------------------------------------------------
+
+
+def _record_dtype(options: PairOptions, token_dtype) -> np.dtype:
+    return np.dtype([("ids", token_dtype, (options.max_seq_length,)), ("length", np.uint16),
+                     ("segment_a", np.uint16), ("positions", np.uint16, (options.max_predictions_per_seq,)),
+                     ("labels", token_dtype, (options.max_predictions_per_seq,)), ("n_masked", np.uint16),
+                     ("random_next", np.uint8)])
+
+
+class InstanceMaker:
+    """Google's create_instances_from_document and create_masked_lm_predictions on a Corpus,
+    drawing from ``rng`` exactly as they do; instances go to fixed-size records of a file."""
+
+    def __init__(self, corpus: Corpus, vocab: dict[str, int], options: PairOptions, rng, out):
+        self.corpus, self.options, self.rng, self.out = corpus, options, rng, out
+        self.cls, self.sep, self.mask = vocab["[CLS]"], vocab["[SEP]"], vocab["[MASK]"]
+        self.vocab_size = len(vocab)
+        self.continues_word = [w.startswith("##") for w in vocab]  # vocab ids are dense in line order
+        self.dtype = _record_dtype(options, corpus.tokens.dtype)
+        self.block = np.zeros(INSTANCES_PER_BLOCK, dtype=self.dtype)
+        self.filled = 0
+        self.count = 0
+        self.sentence_starts = corpus.sentence_starts.tolist()
+        self.doc_starts = corpus.doc_starts.tolist()
+
+    def flush(self) -> None:
+        self.block[:self.filled].tofile(self.out)
+        self.block[:self.filled] = 0
+        self.filled = 0
+
+    def document(self, doc_order: list[int], document_index: int) -> None:
+        """All instances of the document at ``document_index`` of the shuffled list."""
+        rng, opts = self.rng, self.options
+        random, randbelow = rng.random, rng._randbelow
+        sstarts, dstarts = self.sentence_starts, self.doc_starts
+        doc = doc_order[document_index]
+        first, n_sentences = dstarts[doc], dstarts[doc + 1] - dstarts[doc]
+        n_docs = len(doc_order)
+        max_num_tokens = opts.max_seq_length - 3
+        target_seq_length = max_num_tokens
+        if random() < opts.short_seq_prob:
+            target_seq_length = 2 + randbelow(max_num_tokens - 1)  # randint(2, max_num_tokens)
+        chunk_first, chunk_size, current_length = 0, 0, 0
+        i = 0
+        while i < n_sentences:
+            if chunk_size == 0:
+                chunk_first = i
+            chunk_size += 1
+            current_length += sstarts[first + i + 1] - sstarts[first + i]
+            if i == n_sentences - 1 or current_length >= target_seq_length:
+                a_end = 1
+                if chunk_size >= 2:
+                    a_end = 1 + randbelow(chunk_size - 1)  # randint(1, len(current_chunk) - 1)
+                a_start = sstarts[first + chunk_first]
+                a_stop = sstarts[first + chunk_first + a_end]
+                if chunk_size == 1 or random() < 0.5:
+                    is_random_next = True
+                    target_b_length = target_seq_length - (a_stop - a_start)
+                    for _ in range(10):
+                        random_document_index = randbelow(n_docs)  # randint(0, len(all_documents) - 1)
+                        if random_document_index != document_index:
+                            break
+                    rdoc = doc_order[random_document_index]
+                    r_first, r_count = dstarts[rdoc], dstarts[rdoc + 1] - dstarts[rdoc]
+                    random_start = randbelow(r_count)  # randint(0, len(random_document) - 1)
+                    b_start = sstarts[r_first + random_start]
+                    b_stop = b_start
+                    for j in range(random_start, r_count):
+                        b_stop = sstarts[r_first + j + 1]
+                        if b_stop - b_start >= target_b_length:
+                            break
+                    i -= chunk_size - a_end  # the unused sentences are put back
+                else:
+                    is_random_next = False
+                    b_start = a_stop
+                    b_stop = sstarts[first + chunk_first + chunk_size]
+                # truncate_seq_pair, on the two token ranges
+                while (a_stop - a_start) + (b_stop - b_start) > max_num_tokens:
+                    if a_stop - a_start > b_stop - b_start:
+                        if random() < 0.5:
+                            a_start += 1
+                        else:
+                            a_stop -= 1
+                    elif random() < 0.5:
+                        b_start += 1
+                    else:
+                        b_stop -= 1
+                self._instance(a_start, a_stop, b_start, b_stop, is_random_next)
+                chunk_size, current_length = 0, 0
+            i += 1
+
+    def _instance(self, a_start, a_stop, b_start, b_stop, is_random_next):
+        rng, opts = self.rng, self.options
+        random, randbelow = rng.random, rng._randbelow
+        tokens = self.corpus.tokens
+        ids = [self.cls]
+        ids += tokens[a_start:a_stop].tolist()
+        ids.append(self.sep)
+        segment_a = len(ids)
+        ids += tokens[b_start:b_stop].tolist()
+        ids.append(self.sep)
+        n = len(ids)
+        sep_b = segment_a - 1
+        # candidates: every position but [CLS] and the two [SEP]s
+        if opts.do_whole_word_mask:
+            cont = self.continues_word
+            cand = []
+            for p in range(1, n - 1):
+                if p == sep_b:
+                    continue
+                if cand and cont[ids[p]]:
+                    cand[-1].append(p)
+                else:
+                    cand.append([p])
+        else:
+            cand = list(range(1, sep_b)) + list(range(segment_a, n - 1))
+        rng.shuffle(cand)
+        num_to_predict = min(opts.max_predictions_per_seq, max(1, int(round(n * opts.masked_lm_prob))))
+        output = list(ids)
+        masked = []
+        if opts.do_whole_word_mask:
+            for index_set in cand:
+                if len(masked) >= num_to_predict:
+                    break
+                if len(masked) + len(index_set) > num_to_predict:
+                    continue
+                for index in index_set:
+                    output[index] = self._masked_token(ids[index], random, randbelow)
+                    masked.append(index)
+        else:
+            for index in cand:
+                if len(masked) >= num_to_predict:
+                    break
+                output[index] = self._masked_token(ids[index], random, randbelow)
+                masked.append(index)
+        masked.sort()
+        row = self.block[self.filled]
+        row["ids"][:n] = output
+        row["length"] = n
+        row["segment_a"] = segment_a
+        row["positions"][:len(masked)] = masked
+        row["labels"][:len(masked)] = [ids[p] for p in masked]
+        row["n_masked"] = len(masked)
+        row["random_next"] = is_random_next
+        self.filled += 1
+        self.count += 1
+        if self.filled == INSTANCES_PER_BLOCK:
+            self.flush()
+
+    def _masked_token(self, original, random, randbelow):
+        if random() < 0.8:
+            return self.mask
+        if random() < 0.5:
+            return original
+        return randbelow(self.vocab_size)  # vocab_words[rng.randint(0, len(vocab_words) - 1)]
+
+
+def shuffle_order(rng, n: int) -> np.ndarray:
+    """The permutation ``rng.shuffle`` applies to a list of n items (same draws), as int32/int64."""
+    code = "i" if n < 2**31 else "q"
+    order = array.array(code, range(n))
+    randbelow = rng._randbelow
+    for i in range(n - 1, 0, -1):
+        j = randbelow(i + 1)
+        order[i], order[j] = order[j], order[i]
+    return np.frombuffer(order, dtype=np.int32 if code == "i" else np.int64)
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def _examples(records: np.ndarray, options: PairOptions) -> list[bytes]:
+    """Serialized Examples of instance records (Google's features, in its order)."""
+    L, P = options.max_seq_length, options.max_predictions_per_seq
+    positions = np.arange(L)
+    lengths = records["length"].astype(np.int64)[:, None]
+    input_mask = (positions < lengths).astype(np.int64)
+    segment_ids = ((positions >= records["segment_a"].astype(np.int64)[:, None]) & (positions < lengths)).astype(np.int64)
+    weights = (np.arange(P) < records["n_masked"].astype(np.int64)[:, None]).astype(np.float32)
+    ids = records["ids"].astype(np.int64)
+    pos = records["positions"].astype(np.int64)
+    labels = records["labels"].astype(np.int64)
+    nsp = records["random_next"].astype(np.int64)
+    columns = {"input_ids": (tfrecord.INT64, ids), "input_mask": (tfrecord.INT64, input_mask),
+               "segment_ids": (tfrecord.INT64, segment_ids), "masked_lm_positions": (tfrecord.INT64, pos),
+               "masked_lm_ids": (tfrecord.INT64, labels), "masked_lm_weights": (tfrecord.FLOAT, weights),
+               "next_sentence_labels": (tfrecord.INT64, nsp[:, None])}
+    return _encode_rows([(name, *columns[name]) for name in tfrecord.SERIALIZED_ORDER])
+
+
+def _varint_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Packed varints of every row of a non-negative int64 matrix: (bytes back to back, bytes per row)."""
+    v = matrix.astype(np.uint64)
+    nbytes = np.ones(v.shape, dtype=np.int64)
+    for k in range(1, 10):
+        more = v >= np.uint64(1 << (7 * k))
+        if not more.any():
+            break
+        nbytes += more
+    flat_v, flat_n = v.reshape(-1), nbytes.reshape(-1)
+    out = np.empty(int(flat_n.sum()), dtype=np.uint8)
+    starts = np.concatenate([[0], np.cumsum(flat_n)[:-1]])
+    for k in range(int(flat_n.max())):
+        sel = flat_n > k
+        byte = ((flat_v[sel] >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(np.uint8)
+        out[starts[sel] + k] = byte | np.where(flat_n[sel] > k + 1, 0x80, 0).astype(np.uint8)
+    return out, nbytes.sum(axis=1)
+
+
+def _encode_rows(features) -> list[bytes]:
+    """Serialized Examples of many rows at once: ``features`` is [(name, kind, [N, W] matrix)]."""
+    payloads = []
+    for name, kind, matrix in features:
+        if kind == tfrecord.FLOAT:
+            raw = np.ascontiguousarray(matrix, dtype="<f4")
+            data, per_row = raw.view(np.uint8).reshape(-1), np.full(len(raw), raw.shape[1] * 4)
+        else:
+            data, per_row = _varint_rows(matrix)
+        payloads.append((name.encode(), kind, data.tobytes(), per_row.tolist()))
+    rows = len(payloads[0][3])
+    offsets = [0] * len(payloads)
+    varint = tfrecord._varint
+    out = []
+    for r in range(rows):
+        entries = []
+        for k, (name, kind, data, per_row) in enumerate(payloads):
+            n = per_row[r]
+            packed = data[offsets[k]:offsets[k] + n]
+            offsets[k] += n
+            inner = b"\x0a" + varint(n) + packed  # the list message: repeated value = 1, packed
+            feature = bytes([(kind << 3) | 2]) + varint(len(inner)) + inner
+            entry = b"\x0a" + varint(len(name)) + name + b"\x12" + varint(len(feature)) + feature
+            entries.append(b"\x0a" + varint(len(entry)) + entry)
+        body = b"".join(entries)
+        out.append(b"\x0a" + varint(len(body)) + body)
+    return out
+
+
+def write_outputs(records: np.ndarray, order: np.ndarray, options: PairOptions, output_files: list[str]) -> list[int]:
+    """Instances ``records[order[k]]`` for k = 0.. go to ``output_files[k % len(output_files)]``."""
+    writers = [tfrecord.TFRecordWriter(p) for p in output_files]
+    try:
+        for start in range(0, len(order), INSTANCES_PER_BLOCK):
+            idx = order[start:start + INSTANCES_PER_BLOCK]
+            examples = _examples(records[np.asarray(idx, dtype=np.int64)], options)
+            for k, example in enumerate(examples):
+                writers[(start + k) % len(writers)].write(example)
+    finally:
+        for w in writers:
+            w.close()
+    return [w.count for w in writers]
+
+
+# --- the whole run ------------------------------------------------------------------------------
+
+
+@dataclass
+class PairsSummary:
+    documents: int
+    lines: int
+    python_lines: int
+    instances: int
+    per_file: list[int]
+    seconds: dict = field(default_factory=dict)
+
+
+def create_pretraining_data(input_files: list[str], vocab_file: str, output_files: list[str],
+                            options: PairOptions | None = None, workers: int = 1,
+                            tmp_dir: str | None = None) -> PairsSummary:
+    """Google's create_pretraining_data.py main(): same output files, same instances, same order."""
+    import random as _random
+
+    options = options or PairOptions()
+    options.check()
+    for p in input_files:
+        if not os.path.isfile(p):
+            raise UsageError(f"input file {p!r} does not exist: pass text files with one sentence per line and "
+                             "a blank line between documents (Google's create_pretraining_data.py format).")
+    if not output_files:
+        raise UsageError("no --output-file given: pass one or more TFRecord paths (instances go to them in turn).")
+    for p in output_files:
+        parent = os.path.dirname(os.path.abspath(p))
+        if not os.path.isdir(parent):
+            raise UsageError(f"the folder of the output file {p!r} does not exist: create it first.")
+    vocab = load_vocab(vocab_file)
+    workdir = tempfile.mkdtemp(prefix="bertopt-pairs-", dir=tmp_dir)
+    seconds = {}
+    try:
+        t0 = time.perf_counter()
+        corpus = read_corpus(input_files, vocab, options.do_lower_case, workdir, workers)
+        seconds["tokenize"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rng = _random.Random(options.random_seed)
+        doc_order = list(range(corpus.documents))
+        rng.shuffle(doc_order)
+        instances_path = os.path.join(workdir, "instances.bin")
+        with open(instances_path, "wb") as out:
+            maker = InstanceMaker(corpus, vocab, options, rng, out)
+            for _ in range(options.dupe_factor):
+                for document_index in range(len(doc_order)):
+                    maker.document(doc_order, document_index)
+            maker.flush()
+        seconds["instances"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        order = shuffle_order(rng, maker.count)
+        seconds["shuffle"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        records = np.memmap(instances_path, dtype=maker.dtype, mode="r") if maker.count else np.zeros(0, maker.dtype)
+        per_file = write_outputs(records, order, options, output_files)
+        seconds["write"] = time.perf_counter() - t0
+        del records
+        return PairsSummary(corpus.documents, corpus.lines, corpus.python_lines, maker.count, per_file, seconds)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main_summary(summary: PairsSummary, output_files: list[str], elapsed: float) -> str:
+    files = ", ".join(f"{p} ({n})" for p, n in zip(output_files, summary.per_file))
+    parts = " + ".join(f"{k} {v:.1f}" for k, v in summary.seconds.items())
+    return (f"{summary.documents} documents ({summary.lines} lines, {summary.python_lines} tokenized by the "
+            f"Python port) -> {summary.instances} instances in {files}; {elapsed:.1f} s ({parts} s)")
+
+
+if __name__ == "__main__":  # pragma: no cover - the CLI is `bertopt create-pretraining-data`
+    sys.exit("use: bertopt create-pretraining-data --help")
