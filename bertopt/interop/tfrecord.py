@@ -8,7 +8,7 @@ the data, masked CRC32C of the data. ``tf.train.Example`` is a protobuf: ``Featu
 with ``repeated value = 1`` (packed by TensorFlow; unpacked is accepted when reading).
 
 Reading is vectorized: record framing and each Example's seven field headers are walked in
-Python, but the CRCs (:mod:`bertopt.interop.crc32c`) and the packed varints of every record are
+Python, but the CRCs (:mod:`bertopt.interop.record_crc32c`) and the packed varints of every record are
 decoded at once with numpy.
 """
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bertopt.errors import UsageError
-from bertopt.interop.crc32c import crc32c_many, mask
+from bertopt.interop.record_crc32c import crc32c_many, mask
 
 BYTES, FLOAT, INT64 = 1, 2, 3  # Feature's oneof field numbers
 KIND_NAMES = {BYTES: "bytes_list", FLOAT: "float_list", INT64: "int64_list"}

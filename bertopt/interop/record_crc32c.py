@@ -1,10 +1,12 @@
-"""CRC32C (Castagnoli), the checksum of TFRecord framing, in numpy without a C extension.
+"""CRC32C (Castagnoli) of many short records at once, for TFRecord framing, in numpy.
 
 A CRC is sequential along a buffer, so one buffer at a time in Python would cost ~0.1 us per
 byte. TFRecord files hold many short records, though, so :func:`crc32c_many` runs the
 table-driven CRC (slicing by 4 bytes) across *all records at once*: one numpy step per 4-byte
 column, each step over every record (records shorter than the column keep their value).
-:func:`crc32c` is the one-buffer case.
+:func:`crc32c` is the one-buffer case (slow; for tests and tiny inputs). (The tfckpt branch has a
+``crc32c`` module for long buffers, with google_crc32c's C library when installed: the two belong
+in one module once both are merged.)
 """
 
 from __future__ import annotations
