@@ -35,7 +35,7 @@ from bertopt.errors import UsageError
 from bertopt.interop import tfrecord
 from bertopt.interop.google_tokenizer import GoogleTokenizer, load_vocab
 
-LINES_PER_BATCH = 20_000
+LINES_PER_BATCH = 4096  # lines tokenized together (tokenizers keeps a few hundred bytes per token of a batch)
 INSTANCES_PER_BLOCK = 8192
 LONG_DOCUMENT_LINES = 100_000  # a "document" this long is most likely a file without blank lines
 
@@ -105,7 +105,7 @@ def _line_batches(paths: list[str]):
             rest = b""
             number = 0
             while True:
-                block = f.read(1 << 23)
+                block = f.read(1 << 20)
                 if not block:
                     break
                 parts = (rest + block).split(b"\n")
@@ -113,9 +113,9 @@ def _line_batches(paths: list[str]):
                 for raw in parts:
                     number += 1
                     batch.append(_decode(raw, path, number).strip())
-                if len(batch) >= LINES_PER_BATCH:
-                    yield batch
-                    batch = []
+                    if len(batch) >= LINES_PER_BATCH:
+                        yield batch
+                        batch = []
             if rest:
                 batch.append(_decode(rest, path, number + 1).strip())
     if batch:
@@ -426,77 +426,18 @@ def shuffle_order(rng, n: int) -> np.ndarray:
 # --- writing ------------------------------------------------------------------------------------
 
 
-def _examples(records: np.ndarray, options: PairOptions) -> list[bytes]:
-    """Serialized Examples of instance records (Google's features, in its order)."""
+def _encoded(records: np.ndarray, options: PairOptions) -> tuple[np.ndarray, np.ndarray]:
+    """Serialized Examples of instance records, as Google's write_instance_to_example_files pads them."""
     L, P = options.max_seq_length, options.max_predictions_per_seq
     positions = np.arange(L)
     lengths = records["length"].astype(np.int64)[:, None]
-    input_mask = (positions < lengths).astype(np.int64)
-    segment_ids = ((positions >= records["segment_a"].astype(np.int64)[:, None]) & (positions < lengths)).astype(np.int64)
-    weights = (np.arange(P) < records["n_masked"].astype(np.int64)[:, None]).astype(np.float32)
-    ids = records["ids"].astype(np.int64)
-    pos = records["positions"].astype(np.int64)
-    labels = records["labels"].astype(np.int64)
-    nsp = records["random_next"].astype(np.int64)
-    columns = {"input_ids": (tfrecord.INT64, ids), "input_mask": (tfrecord.INT64, input_mask),
-               "segment_ids": (tfrecord.INT64, segment_ids), "masked_lm_positions": (tfrecord.INT64, pos),
-               "masked_lm_ids": (tfrecord.INT64, labels), "masked_lm_weights": (tfrecord.FLOAT, weights),
-               "next_sentence_labels": (tfrecord.INT64, nsp[:, None])}
-    return _encode_rows([(name, *columns[name]) for name in tfrecord.SERIALIZED_ORDER])
-
-
-def _varint_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Packed varints of every row of a non-negative int64 matrix: (bytes back to back, bytes per row)."""
-    v = matrix.astype(np.uint64)
-    nbytes = np.ones(v.shape, dtype=np.int64)
-    for k in range(1, 10):
-        more = v >= np.uint64(1 << (7 * k))
-        if not more.any():
-            break
-        nbytes += more
-    flat_v, flat_n = v.reshape(-1), nbytes.reshape(-1)
-    out = np.empty(int(flat_n.sum()), dtype=np.uint8)
-    starts = np.concatenate([[0], np.cumsum(flat_n)[:-1]])
-    for k in range(int(flat_n.max())):
-        sel = flat_n > k
-        byte = ((flat_v[sel] >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(np.uint8)
-        out[starts[sel] + k] = byte | np.where(flat_n[sel] > k + 1, 0x80, 0).astype(np.uint8)
-    return out, nbytes.sum(axis=1)
-
-
-_SMALL_VARINTS = [tfrecord._varint(n) for n in range(1 << 14)]
-
-
-def _encode_rows(features) -> list[bytes]:
-    """Serialized Examples of many rows at once: ``features`` is [(name, kind, [N, W] matrix)]."""
-    payloads = []
-    for name, kind, matrix in features:
-        if kind == tfrecord.FLOAT:
-            raw = np.ascontiguousarray(matrix, dtype="<f4")
-            data, per_row = raw.view(np.uint8).reshape(-1), np.full(len(raw), raw.shape[1] * 4)
-        else:
-            data, per_row = _varint_rows(matrix)
-        payloads.append((name.encode(), kind, data.tobytes(), per_row.tolist()))
-    rows = len(payloads[0][3])
-    offsets = [0] * len(payloads)
-    small, big = _SMALL_VARINTS, tfrecord._varint
-
-    def varint(n):
-        return small[n] if n < 16384 else big(n)
-    out = []
-    for r in range(rows):
-        entries = []
-        for k, (name, kind, data, per_row) in enumerate(payloads):
-            n = per_row[r]
-            packed = data[offsets[k]:offsets[k] + n]
-            offsets[k] += n
-            inner = b"\x0a" + varint(n) + packed  # the list message: repeated value = 1, packed
-            feature = bytes([(kind << 3) | 2]) + varint(len(inner)) + inner
-            entry = b"\x0a" + varint(len(name)) + name + b"\x12" + varint(len(feature)) + feature
-            entries.append(b"\x0a" + varint(len(entry)) + entry)
-        body = b"".join(entries)
-        out.append(b"\x0a" + varint(len(body)) + body)
-    return out
+    segment_a = records["segment_a"].astype(np.int64)[:, None]
+    return tfrecord.encode_examples(tfrecord.pretraining_columns(
+        input_ids=records["ids"], input_mask=positions < lengths,
+        segment_ids=(positions >= segment_a) & (positions < lengths),
+        masked_lm_positions=records["positions"], masked_lm_ids=records["labels"],
+        masked_lm_weights=(np.arange(P) < records["n_masked"].astype(np.int64)[:, None]).astype(np.float32),
+        next_sentence_labels=records["random_next"]))
 
 
 def write_outputs(instances_path: str, dtype: np.dtype, order: np.ndarray, options: PairOptions,
@@ -510,8 +451,8 @@ def write_outputs(instances_path: str, dtype: np.dtype, order: np.ndarray, optio
             records = np.memmap(instances_path, dtype=dtype, mode="r")
             block = records[idx]
             del records
-            for k, example in enumerate(_examples(block, options)):
-                writers[(start + k) % len(writers)].write(example)
+            for f, writer in enumerate(writers):  # Google's round robin: instance k to file k % files
+                writer.write_many(*_encoded(block[(f - start) % len(writers)::len(writers)], options))
     finally:
         for w in writers:
             w.close()

@@ -122,6 +122,21 @@ def frame_records(records: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
+def frame_many(data: np.ndarray, lengths: np.ndarray) -> bytes:
+    """TFRecord framing of records given back to back (``data`` uint8, ``lengths`` per record)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = len(lengths)
+    if n == 0:
+        return b""
+    headers = lengths.astype("<u8").view(np.uint8)
+    starts = np.cumsum(lengths) - lengths
+    length_crcs = mask(crc32c_many(headers, np.arange(n) * 8, np.full(n, 8))).astype("<u4").view(np.uint8)
+    data_crcs = mask(crc32c_many(data, starts, lengths)).astype("<u4").view(np.uint8)
+    out, _ = concat_rows([(headers, np.full(n, 8)), (length_crcs, np.full(n, 4)), (data, lengths),
+                          (data_crcs, np.full(n, 4))], n)
+    return out.tobytes()
+
+
 class TFRecordWriter:
     """Appends records to a TFRecord file; CRCs are computed in batches of ``batch`` records."""
 
@@ -138,9 +153,16 @@ class TFRecordWriter:
         if len(self._pending) >= self._batch:
             self.flush()
 
+    def write_many(self, data: np.ndarray, lengths: np.ndarray) -> None:
+        """Records given back to back (e.g. from :func:`encode_examples`)."""
+        self.flush()
+        self._file.write(frame_many(data, lengths))
+        self.count += len(lengths)
+
     def flush(self) -> None:
-        self._file.write(frame_records(self._pending))
-        self._pending = []
+        if self._pending:
+            self._file.write(frame_records(self._pending))
+            self._pending = []
         self._file.flush()
 
     def close(self) -> None:
@@ -191,6 +213,75 @@ def _varints(values: np.ndarray) -> bytes:
         byte = ((v[rows] >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(np.uint8)
         out[starts[rows] + k] = byte | np.where(nbytes[rows] > k + 1, 0x80, 0).astype(np.uint8)
     return out.tobytes()
+
+
+def varint_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Packed varints of every row of an int64 matrix: (bytes back to back, bytes per row)."""
+    v = np.asarray(matrix, dtype=np.int64).view(np.uint64).reshape(len(matrix), -1)
+    nbytes = np.ones(v.shape, dtype=np.int64)
+    for k in range(1, 10):
+        more = v >= np.uint64(1 << (7 * k))
+        if not more.any():
+            break
+        nbytes += more
+    width = int(nbytes.max()) if v.size else 1
+    shifts = np.uint64(7) * np.arange(width, dtype=np.uint64)
+    groups = ((v.reshape(-1)[:, None] >> shifts) & np.uint64(0x7F)).astype(np.uint8)
+    flat_n = nbytes.reshape(-1)
+    groups |= np.where(np.arange(width) < (flat_n - 1)[:, None], 0x80, 0).astype(np.uint8)
+    return groups[np.arange(width) < flat_n[:, None]], nbytes.sum(axis=1)
+
+
+def _varint_lengths(n: np.ndarray) -> np.ndarray:
+    out = np.ones(len(n), dtype=np.int64)
+    for k in range(1, 10):
+        out += n >= (1 << (7 * k))
+    return out
+
+
+def concat_rows(pieces, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row r of the result is piece 0's row r, then piece 1's row r, ...: each piece is (bytes of all
+    rows back to back, bytes per row). Returns (bytes back to back, bytes per row)."""
+    lengths = np.zeros(rows, dtype=np.int64)
+    for _data, n in pieces:
+        lengths += n
+    out = np.empty(int(lengths.sum()), dtype=np.uint8)
+    pos = np.cumsum(lengths) - lengths
+    for data, n in pieces:
+        # byte i of the piece (row r, its start s_r in the piece) goes to pos_r + (i - s_r)
+        shift = pos - (np.cumsum(n) - n)
+        out[np.arange(len(data)) + np.repeat(shift, n)] = data
+        pos = pos + n
+    return out, lengths
+
+
+def encode_examples(columns) -> tuple[np.ndarray, np.ndarray]:
+    """Serialized Examples of many rows at once, byte for byte what :func:`encode_example` makes
+    row by row: ``columns`` is [(name, FLOAT or INT64, [N, W] matrix)] in map order, W >= 1.
+    Returns (Examples back to back as uint8, bytes per Example)."""
+    rows = len(columns[0][2])
+
+    def const(b):
+        return np.tile(np.frombuffer(b, dtype=np.uint8), rows), np.full(rows, len(b), dtype=np.int64)
+
+    def varints(values):
+        return varint_rows(np.asarray(values, dtype=np.int64)[:, None])
+
+    pieces, body = [], np.zeros(rows, dtype=np.int64)
+    for name, kind, matrix in columns:
+        if kind == FLOAT:
+            raw = np.ascontiguousarray(matrix, dtype="<f4").reshape(rows, -1)
+            data, n = raw.view(np.uint8).reshape(-1), np.full(rows, raw.shape[1] * 4, dtype=np.int64)
+        else:
+            data, n = varint_rows(matrix)
+        key = _field(1, name.encode())
+        inner = 1 + _varint_lengths(n) + n
+        feature = 1 + _varint_lengths(inner) + inner
+        entry = len(key) + 1 + _varint_lengths(feature) + feature
+        pieces += [const(b"\x0a"), varints(entry), const(key + b"\x12"), varints(feature),
+                   const(bytes([(kind << 3) | 2])), varints(inner), const(b"\x0a"), varints(n), (data, n)]
+        body += 1 + _varint_lengths(entry) + entry
+    return concat_rows([const(b"\x0a"), varints(body)] + pieces, rows)
 
 
 def _field(number: int, payload: bytes) -> bytes:
@@ -662,13 +753,25 @@ def pretraining_example(input_ids, input_mask, segment_ids, masked_lm_positions,
     return encode_example({name: values[name] for name in SERIALIZED_ORDER if name in values})
 
 
-def write_pretraining_shard(path: str, shards: PretrainingShards, rows=None) -> int:
+def pretraining_columns(input_ids, input_mask, segment_ids, masked_lm_positions, masked_lm_ids,
+                        masked_lm_weights, next_sentence_labels) -> list:
+    """:func:`encode_examples` columns of Google's features ([N, ...] arrays; labels [N] or None)."""
+    values = {"input_ids": input_ids, "input_mask": input_mask, "segment_ids": segment_ids,
+              "masked_lm_positions": masked_lm_positions, "masked_lm_ids": masked_lm_ids,
+              "masked_lm_weights": masked_lm_weights,
+              "next_sentence_labels": None if next_sentence_labels is None else np.asarray(next_sentence_labels)[:, None]}
+    return [(name, PRETRAINING_FEATURES[name][0], values[name]) for name in SERIALIZED_ORDER
+            if values[name] is not None]
+
+
+def write_pretraining_shard(path: str, shards: PretrainingShards, rows=None, block: int = 8192) -> int:
     """Write rows of ``shards`` (all by default) to one TFRecord file; returns the record count."""
-    rows = range(len(shards)) if rows is None else rows
-    nsp = shards.next_sentence_labels
+    rows = np.arange(len(shards)) if rows is None else np.asarray(rows, dtype=np.int64)
     with TFRecordWriter(path) as writer:
-        for i in rows:
-            writer.write(pretraining_example(
-                shards.input_ids[i], shards.input_mask[i], shards.segment_ids[i], shards.masked_lm_positions[i],
-                shards.masked_lm_ids[i], shards.masked_lm_weights[i], None if nsp is None else int(nsp[i])))
+        for start in range(0, len(rows), block):
+            r = rows[start:start + block]
+            nsp = shards.next_sentence_labels
+            writer.write_many(*encode_examples(pretraining_columns(
+                shards.input_ids[r], shards.input_mask[r], shards.segment_ids[r], shards.masked_lm_positions[r],
+                shards.masked_lm_ids[r], shards.masked_lm_weights[r], None if nsp is None else nsp[r])))
         return writer.count

@@ -153,3 +153,16 @@ def test_vectorized_parse_equals_record_by_record(tmp_path, monkeypatch):
     fast = tfr.read_pretraining_shards(path)
     monkeypatch.setattr(tfr, "_feature_spans_vectorized", lambda *a: None)
     _assert_same(tfr.read_pretraining_shards(path), fast)
+
+
+def test_batch_encoding_and_framing_equal_record_by_record():
+    rng = np.random.default_rng(5)
+    ints = rng.integers(-2**40, 2**40, (7, 9))
+    ints[0, :3] = [0, 127, 128]
+    small = rng.integers(0, 300, (7, 1))
+    floats = rng.standard_normal((7, 4)).astype(np.float32)
+    data, lengths = tfr.encode_examples([("a", tfr.INT64, ints), ("bb", tfr.FLOAT, floats), ("c", tfr.INT64, small)])
+    one_by_one = [tfr.encode_example({"a": (tfr.INT64, ints[i]), "bb": (tfr.FLOAT, floats[i]),
+                                      "c": (tfr.INT64, small[i])}) for i in range(7)]
+    assert data.tobytes() == b"".join(one_by_one) and lengths.tolist() == [len(r) for r in one_by_one]
+    assert tfr.frame_many(data, lengths) == tfr.frame_records(one_by_one)
