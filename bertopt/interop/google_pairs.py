@@ -35,8 +35,9 @@ from bertopt.errors import UsageError
 from bertopt.interop import tfrecord
 from bertopt.interop.google_tokenizer import GoogleTokenizer, load_vocab
 
-LINES_PER_BATCH = 4096  # lines tokenized together (tokenizers keeps a few hundred bytes per token of a batch)
-INSTANCES_PER_BLOCK = 8192
+LINES_PER_BATCH = 1024  # lines tokenized together (tokenizers keeps ~250 bytes per token of a batch)
+INSTANCES_PER_BLOCK = 8192  # instance records made between two writes to the temporary file
+WRITE_BLOCK = 2048  # Examples encoded at once (the vectorized encoder needs ~25 bytes per output byte)
 LONG_DOCUMENT_LINES = 100_000  # a "document" this long is most likely a file without blank lines
 
 
@@ -446,8 +447,8 @@ def write_outputs(instances_path: str, dtype: np.dtype, order: np.ndarray, optio
     The record file is mapped afresh for each block, so the pages read stay out of the resident set."""
     writers = [tfrecord.TFRecordWriter(p) for p in output_files]
     try:
-        for start in range(0, len(order), INSTANCES_PER_BLOCK):
-            idx = np.asarray(order[start:start + INSTANCES_PER_BLOCK], dtype=np.int64)
+        for start in range(0, len(order), WRITE_BLOCK):
+            idx = np.asarray(order[start:start + WRITE_BLOCK], dtype=np.int64)
             records = np.memmap(instances_path, dtype=dtype, mode="r")
             block = records[idx]
             del records

@@ -169,3 +169,15 @@ def test_smallest_length_works(vocab_file, tmp_path):
     create_pretraining_data([INPUT], vocab_file, [out], PairOptions(max_seq_length=5, dupe_factor=1))
     shards = read_pretraining_shards(out, seq_len=5)
     assert (shards.input_mask.sum(axis=1) == 5).all()
+
+
+def test_small_odd_blocks_keep_googles_order(vocab_file, tmp_path, monkeypatch):
+    """Instances are made, and Examples written, in blocks: blocks of odd sizes change nothing."""
+    monkeypatch.setattr(google_pairs, "WRITE_BLOCK", 7)
+    monkeypatch.setattr(google_pairs, "INSTANCES_PER_BLOCK", 5)
+    monkeypatch.setattr(google_pairs, "LINES_PER_BATCH", 3)
+    spec = EXPECTED["sets"]["set_a"]
+    outputs = [str(tmp_path / o) for o in spec["outputs"]]
+    create_pretraining_data([INPUT], vocab_file, outputs, _options("set_a"))
+    for ours, theirs in zip(outputs, spec["outputs"]):
+        _assert_equal_instances(read_pretraining_shards(ours), read_pretraining_shards(os.path.join(HERE, theirs)))
