@@ -7,9 +7,10 @@ the data, masked CRC32C of the data. ``tf.train.Example`` is a protobuf: ``Featu
 ``Feature`` is a oneof ``bytes_list = 1`` / ``float_list = 2`` / ``int64_list = 3``, each a message
 with ``repeated value = 1`` (packed by TensorFlow; unpacked is accepted when reading).
 
-Reading is vectorized: record framing and each Example's seven field headers are walked in
-Python, but the CRCs (:mod:`bertopt.interop.record_crc32c`) and the packed varints of every record are
-decoded at once with numpy.
+Reading and writing are vectorized over records with numpy: the CRCs
+(:mod:`bertopt.interop.record_crc32c`), the Examples' field headers (when all records have the
+same fields, as shards do; else record by record) and the packed varints. Measured: ~25 MB/s read
+with CRCs checked, on the 2 loaded cores of the development machine.
 """
 
 from __future__ import annotations
@@ -196,25 +197,6 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _varints(values: np.ndarray) -> bytes:
-    """Packed varints of many int64 values at once."""
-    v = np.asarray(values, dtype=np.int64).view(np.uint64)
-    if len(v) == 0:
-        return b""
-    if int(v.max()) < 0x80:
-        return v.astype(np.uint8).tobytes()
-    nbytes = np.ones(len(v), dtype=np.int64)
-    for k in range(1, 10):
-        nbytes += v >= (np.uint64(1) << np.uint64(7 * k))
-    out = np.empty(int(nbytes.sum()), dtype=np.uint8)
-    starts = np.concatenate([[0], np.cumsum(nbytes)[:-1]])
-    for k in range(int(nbytes.max())):
-        rows = nbytes > k
-        byte = ((v[rows] >> np.uint64(7 * k)) & np.uint64(0x7F)).astype(np.uint8)
-        out[starts[rows] + k] = byte | np.where(nbytes[rows] > k + 1, 0x80, 0).astype(np.uint8)
-    return out.tobytes()
-
-
 def varint_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Packed varints of every row of an int64 matrix: (bytes back to back, bytes per row)."""
     v = np.asarray(matrix, dtype=np.int64).view(np.uint64).reshape(len(matrix), -1)
@@ -297,7 +279,7 @@ def encode_feature(kind: int, values) -> bytes:
         inner = _field(1, arr.tobytes()) if len(arr) else b""
     elif kind == INT64:
         arr = np.asarray(values, dtype=np.int64)
-        inner = _field(1, _varints(arr)) if len(arr) else b""
+        inner = _field(1, varint_rows(arr[None])[0].tobytes()) if len(arr) else b""
     else:
         raise ValueError(f"unknown Feature kind {kind}")
     return _field(kind, inner)
@@ -735,22 +717,6 @@ def read_pretraining_shards(paths, seq_len: int | None = None, max_predictions: 
         columns[name] = arr[:, 0] if name == "next_sentence_labels" else arr
     rows = np.cumsum([0] + [len(feats["input_ids"]) for _p, feats in per_file])
     return PretrainingShards(**columns, files=files, file_rows=rows)
-
-
-def pretraining_example(input_ids, input_mask, segment_ids, masked_lm_positions, masked_lm_ids,
-                        masked_lm_weights, next_sentence_label: int | None) -> bytes:
-    """One serialized Example with Google's features (in :data:`SERIALIZED_ORDER`)."""
-    values = {
-        "input_ids": (INT64, input_ids),
-        "input_mask": (INT64, input_mask),
-        "segment_ids": (INT64, segment_ids),
-        "masked_lm_positions": (INT64, masked_lm_positions),
-        "masked_lm_ids": (INT64, masked_lm_ids),
-        "masked_lm_weights": (FLOAT, masked_lm_weights),
-    }
-    if next_sentence_label is not None:
-        values["next_sentence_labels"] = (INT64, [next_sentence_label])
-    return encode_example({name: values[name] for name in SERIALIZED_ORDER if name in values})
 
 
 def pretraining_columns(input_ids, input_mask, segment_ids, masked_lm_positions, masked_lm_ids,
