@@ -87,7 +87,20 @@ def main():
                              "grows linearly with corpus size x dupe factor (see the result's extrapolation)")
     parser.add_argument("--workdir", default=None, help="where corpora and outputs go (default: a temp folder)")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "create_pretraining_data.json"))
+    parser.add_argument("--replace", action="store_true",
+                        help="keep the runs already in --out except those of the sizes run now (a size re-run "
+                             "after a code change)")
+    parser.add_argument("--derive-only", action="store_true",
+                        help="recompute the derived figures of --out from its runs, run nothing")
     args = parser.parse_args()
+    if args.derive_only:
+        with open(args.out) as f:
+            result = json.load(f)
+        derive(result, result["options"]["dupe_factor"])
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(json.dumps(result.get("derived"), indent=1))
+        return
     vocab = vocab_path()
     work = args.workdir or tempfile.mkdtemp(prefix="pairs-bench-")
     result = {"machine": {"cpu": platform.processor() or "AMD EPYC (AVX-512, bf16), 2 cores", "cores": os.cpu_count(),
@@ -97,6 +110,11 @@ def main():
                           "vocab": "all-MiniLM-L6-v2 vocab.txt (30522)", "workers": 1},
               "corpus": "benchmarks/pretraining_corpus.py (gensim Wikipedia sample, rotated/reordered repetitions)",
               "runs": []}
+    if args.replace and os.path.exists(args.out):
+        with open(args.out) as f:
+            old = json.load(f)
+        redo = set(args.both_mb) | set(args.ours_mb)
+        result["runs"] = [r for r in old["runs"] if r["mb"] not in redo]
 
     def save():
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -131,16 +149,40 @@ def main():
         os.remove(o_out)
         os.remove(corpus)
         save()
-    both = [r for r in result["runs"] if "google" in r]
-    if len(both) >= 2:  # Google's peak RSS vs corpus size: a line through the measured points
-        mbs = np.array([r["mb"] for r in both])
-        rss = np.array([r["google"]["peak_rss_mb"] for r in both])
-        slope, intercept = np.polyfit(mbs, rss, 1)
-        result["google_peak_rss_fit"] = {"mb_per_corpus_mb": round(slope, 1), "base_mb": round(intercept, 1),
-                                         "at_200mb_dupe_%d_gb" % args.dupe_factor: round((intercept + 200 * slope) / 1024, 1),
-                                         "at_200mb_dupe_10_gb": round((intercept + 200 * slope * 10 / args.dupe_factor) / 1024, 1)}
+    derive(result, args.dupe_factor)
     save()
     print(json.dumps(result, indent=1))
+
+
+def derive(result: dict, dupe: int) -> None:
+    """Figures from the runs: growth per corpus MB (the slope between the sizes both tools ran),
+    which leaves out each tool's fixed start-up cost (importing TensorFlow, or torch through
+    bertopt), and Google's peak extrapolated along its measured line."""
+    result["runs"].sort(key=lambda r: (r["mb"], "google" not in r))
+    both = [r for r in result["runs"] if "google" in r]
+    if len(both) < 2:
+        return
+    lo, hi = both[0], both[-1]
+    span = hi["mb"] - lo["mb"]
+    per_mb = {tool: {"cpu_s_per_mb": round((hi[tool]["cpu_s"] - lo[tool]["cpu_s"]) / span, 2),
+                     "peak_rss_mb_per_mb": round((hi[tool]["peak_rss_mb"] - lo[tool]["peak_rss_mb"]) / span, 2)}
+              for tool in ("google", "ours")}
+    g_slope, g_base = per_mb["google"]["peak_rss_mb_per_mb"], lo["google"]["peak_rss_mb"] - per_mb["google"]["peak_rss_mb_per_mb"] * lo["mb"]
+    result["derived"] = {
+        "between_mb": [lo["mb"], hi["mb"]], "per_corpus_mb": per_mb,
+        "cpu_speedup_of_the_growth": round(per_mb["google"]["cpu_s_per_mb"] / per_mb["ours"]["cpu_s_per_mb"], 2),
+        "google_peak_rss_line": {"base_mb": round(g_base), "mb_per_corpus_mb": g_slope,
+                                 f"at_200mb_dupe_{dupe}_gb": round((g_base + 200 * g_slope) / 1024, 1),
+                                 "at_200mb_dupe_10_gb_if_instances_double":
+                                     round((g_base + 200 * g_slope * 10 / dupe) / 1024, 1)},
+    }
+    ours_big = [r for r in result["runs"] if "google" not in r]
+    if ours_big:
+        big = ours_big[-1]
+        result["derived"][f"ours_at_{big['mb']:g}mb"] = {
+            "peak_rss_mb": big["ours"]["peak_rss_mb"], "cpu_s": big["ours"]["cpu_s"],
+            "google_peak_extrapolated_gb": round((g_base + big["mb"] * g_slope) / 1024, 1),
+            "memory_ratio_vs_extrapolated": round((g_base + big["mb"] * g_slope) / big["ours"]["peak_rss_mb"], 1)}
 
 
 if __name__ == "__main__":

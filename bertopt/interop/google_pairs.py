@@ -218,10 +218,14 @@ def _line_origin(paths):
     counts: list[int] = []
 
     def origin(n):
-        if not counts:
+        if not counts:  # lines as _line_batches yields them: a last line without "\n" counts too
             for p in paths:
+                newlines, last = 0, b"\n"
                 with open(p, "rb") as f:
-                    counts.append(sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 23), b"")) + 1)
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        newlines += block.count(b"\n")
+                        last = block[-1:]
+                counts.append(newlines + (last != b"\n"))
         for p, c in zip(paths, counts):
             if n <= c:
                 return p, n

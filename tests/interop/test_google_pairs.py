@@ -134,10 +134,12 @@ def test_input_without_blank_lines_is_refused(vocab_file, tmp_path, capsys):
 
 def test_long_document_warns(vocab_file, tmp_path, monkeypatch):
     monkeypatch.setattr(google_pairs, "LONG_DOCUMENT_LINES", 3)
-    text = tmp_path / "t.txt"
+    first, text = tmp_path / "s.txt", tmp_path / "t.txt"
+    first.write_text("x y.\n\nz w.\n")  # 3 lines; the next file continues its last document
     text.write_text("a b.\n\nc d.\ne f.\ng h.\ni j.\n\nk l.\n")
     with pytest.warns(UserWarning, match=r"t\.txt: the document starting at line 3 has 4 lines with no blank line"):
-        create_pretraining_data([str(text)], vocab_file, [str(tmp_path / "o.tfrecord")], PairOptions(dupe_factor=1))
+        create_pretraining_data([str(first), str(text)], vocab_file, [str(tmp_path / "o.tfrecord")],
+                                PairOptions(dupe_factor=1))
 
 
 def test_vocabulary_without_special_tokens(tmp_path, capsys):
