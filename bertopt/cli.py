@@ -35,6 +35,7 @@ OTHER_COMMANDS = {
     "study": "bertopt.study.command",
     "import-tf": "bertopt.interop.import_command",
     "export-tf": "bertopt.interop.export_command",
+    "create-pretraining-data": "bertopt.interop.pairs_command",
 }
 TRAINING_HELP = {
     "pretrain": "pretrain a BERT masked language model (default: a small BERT on a Wikipedia sample, ~3 min on 2 CPUs)",
