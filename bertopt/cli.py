@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from bertopt.errors import EXIT_CODES, EXIT_USAGE, Terminated, exit_code, report_error, report_stop
-from bertopt.train.config import (DEVICES, NONFINITE_POLICIES, OPTIMIZERS, PRECISIONS, SCHEDULE_STYLES,
-                                  WEIGHT_DECAY_MODES, FinetuneConfig, OptimConfig, PretrainConfig, RunConfig,
+from bertopt.train.config import (DATA_ORDERS, DEVICES, NONFINITE_POLICIES, OBJECTIVES, OPTIMIZERS, PRECISIONS,
+                                  SCHEDULE_STYLES, WEIGHT_DECAY_MODES, FinetuneConfig, OptimConfig, PretrainConfig, RunConfig,
                                   help_text)
 
 OTHER_COMMANDS = {
@@ -132,6 +132,11 @@ def _pretrain_flags(parser: argparse.ArgumentParser) -> None:
     add("--whole-word-masking", action="store_true")
     add("--eval-sequences", type=int)
     add("--cache-dir", type=Path)
+    add("--data", nargs="+", metavar="SHARDS")
+    add("--eval-data", nargs="+", metavar="SHARDS")
+    add("--objective", choices=OBJECTIVES)
+    add("--data-order", choices=DATA_ORDERS)
+    add("--vocab-file", type=Path, metavar="VOCAB")
     _optim_and_run_flags(parser, defaults)
     group = parser.add_argument_group("length and sharding")
     _adder(group, "task", defaults)("--steps", type=int)

@@ -381,7 +381,7 @@ def import_tf_checkpoint(ckpt, bert_config_json, vocab_txt, out_dir, *, do_lower
         raise UsageError(f"{vocab_txt} has {len(vocab)} tokens but bert_config.json says vocab_size "
                          f"{imported.config.vocab_size}: give the vocab.txt released with the checkpoint")
     if do_lower_case is None:
-        do_lower_case = not any(any(c.isupper() for c in t) for t in vocab if not (t.startswith("[") and t.endswith("]")))
+        do_lower_case = guess_do_lower_case(vocab)
         imported.notes.append(f"casing guessed from the vocabulary: do_lower_case={do_lower_case}")
     tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=do_lower_case,
                                   model_max_length=imported.config.max_position_embeddings)
@@ -393,6 +393,11 @@ def import_tf_checkpoint(ckpt, bert_config_json, vocab_txt, out_dir, *, do_lower
 
     export_atomically(write, Path(out_dir) / "model")  # a crash leaves no half-written model directory
     return imported
+
+
+def guess_do_lower_case(vocab: list[str]) -> bool:
+    """Lower case unless the vocabulary has upper-case words (bracketed special tokens aside)."""
+    return not any(any(c.isupper() for c in t) for t in vocab if not (t.startswith("[") and t.endswith("]")))
 
 
 def _read_vocab(vocab_txt) -> list[str]:

@@ -32,9 +32,12 @@ from bertopt.schedules import STYLES as SCHEDULE_STYLES
 NONFINITE_POLICIES = ("stop", "skip")  # what the loop does with a nan/inf training loss
 PRECISIONS = ("fp32", "bf16", "fp16")  # autocast dtype of forward/backward; weights and state stay fp32
 DEVICES = ("auto", "cpu", "cuda")
+OBJECTIVES = ("mlm+nsp", "mlm")  # with --data: Google's masked-LM + next-sentence loss, or its masked-LM term
+DATA_ORDERS = ("shuffled", "sequential")  # with --data: epoch-shuffled by --seed, or the shards' own order
+DEFAULT_SEQ_LEN = 64
 
 __all__ = ["OptimConfig", "RunConfig", "PretrainConfig", "FinetuneConfig", "OPTIMIZERS", "SCHEDULE_STYLES",
-           "WEIGHT_DECAY_MODES", "NONFINITE_POLICIES", "PRECISIONS", "DEVICES"]
+           "WEIGHT_DECAY_MODES", "NONFINITE_POLICIES", "PRECISIONS", "DEVICES", "OBJECTIVES", "DATA_ORDERS"]
 
 
 def _doc(default: Any, help: str) -> Any:
@@ -191,10 +194,22 @@ class PretrainConfig:
                                           "blank lines)")
     vocab_size: int = _doc(4096, "WordPiece vocabulary size to train")
     lowercase: bool = _doc(True, "keep case (default: lowercase, like BERT-uncased)")  # the flag is --cased
-    seq_len: int = _doc(64, "tokens per sequence")
+    seq_len: int | None = _doc(None, f"tokens per sequence (default: {DEFAULT_SEQ_LEN}; with --data, the shards' "
+                                     "length, which it must equal)")
     mask_prob: float = _doc(0.15, "fraction of tokens to predict")
     whole_word_masking: bool = _doc(False, "mask all WordPiece pieces of a chosen word together (Google's later "
                                            "BERT models; default: off, as BERT)")
+    data: tuple[str, ...] | None = _doc(None, "train on BERT pretraining shards instead of --corpus: TFRecord files "
+                                              "or glob patterns, written by `bertopt create-pretraining-data` or "
+                                              "Google's create_pretraining_data.py (their static masks are used)")
+    eval_data: tuple[str, ...] | None = _doc(None, "with --data: held-out shards to evaluate on (default: the last "
+                                                   "--eval-sequences instances of --data, not trained on)")
+    objective: str | None = _doc(None, "with --data: mlm+nsp (Google's masked-LM + next-sentence loss; the default "
+                                       "when the shards have next_sentence_labels) or mlm (its masked-LM term alone)")
+    data_order: str = _doc("shuffled", "with --data: shuffled (each epoch in an order drawn from --seed) or "
+                                       "sequential (the shards' own order, as written: replays a recorded run)")
+    vocab_file: Path | None = _doc(None, "with --data: the vocab.txt the shards were made with (the model's "
+                                         "vocab_size and the exported tokenizer)")
     eval_sequences: int = _doc(256, "held-out sequences to evaluate on (or all there are)")
     cache_dir: Path | None = _doc(None, "where tokenizers and token ids are cached (default: "
                                         "$BERTOPT_CACHE_DIR/pretrain, else ~/.cache/bertopt/pretrain; "
@@ -205,7 +220,9 @@ class PretrainConfig:
         from bertopt.train.presets import PRESETS
 
         _need(self.steps >= 1, "--steps", ">= 1", self.steps)
-        _need(8 <= self.seq_len <= 512, "--seq-len", "between 8 and 512 (BERT's position embeddings)", self.seq_len)
+        self._check_data_flags()
+        self.seq_len = DEFAULT_SEQ_LEN if self.seq_len is None and self.data is None else self.seq_len
+        _need(self.seq_len is None or 8 <= self.seq_len <= 512, "--seq-len", "between 8 and 512 (BERT's position embeddings)", self.seq_len)
         _need(105 <= self.vocab_size <= 1_000_000, "--vocab-size", "between 105 and 1000000", self.vocab_size)
         _need(self.dropout is None or 0 <= self.dropout < 1, "--dropout", "in [0, 1)", self.dropout)
         _need(0 < self.mask_prob < 1, "--mask-prob", "in (0, 1)", self.mask_prob)
@@ -216,10 +233,38 @@ class PretrainConfig:
             _one_of(self.preset, "--preset", tuple(PRESETS))
         if self.corpus is not None:
             self.corpus = tuple(Path(p) for p in self.corpus)
-        for name in ("config_file", "init_from", "cache_dir"):
+        for name in ("config_file", "init_from", "cache_dir", "vocab_file"):
             if getattr(self, name) is not None:
                 setattr(self, name, Path(getattr(self, name)))
         self.optim.check_steps(self.steps)
+
+    def _check_data_flags(self) -> None:
+        """--data's own flags need it; the corpus flags cannot go with it (the shards are the corpus,
+        already tokenized and masked)."""
+        data_only = [flag for flag, value, unset in (
+            ("--eval-data", self.eval_data, None), ("--objective", self.objective, None),
+            ("--data-order", self.data_order, "shuffled"), ("--vocab-file", self.vocab_file, None)) if value != unset]
+        if self.data is None:
+            if data_only:
+                raise ValueError(f"{', '.join(data_only)} go with --data (pretraining shards); give --data SHARDS, "
+                                 "or leave them out to pretrain on --corpus")
+            return
+        defaults = PretrainConfig.__dataclass_fields__
+        corpus_flags = [flag for flag, name in (
+            ("--corpus", "corpus"), ("--line-per-document", "line_per_document"), ("--vocab-size", "vocab_size"),
+            ("--cased", "lowercase"), ("--mask-prob", "mask_prob"), ("--whole-word-masking", "whole_word_masking"),
+            ("--cache-dir", "cache_dir")) if getattr(self, name) not in (None, defaults[name].default)]
+        if corpus_flags:
+            raise ValueError(
+                f"--data trains on pretraining shards, which are already tokenized and masked, so {', '.join(corpus_flags)} "
+                "cannot apply; leave them out (the vocabulary comes from --vocab-file, the masks from the shards: "
+                "make shards with other settings with `bertopt create-pretraining-data`), or drop --data to "
+                "pretrain on a --corpus")
+        self.data = tuple(str(p) for p in self.data)
+        self.eval_data = None if self.eval_data is None else tuple(str(p) for p in self.eval_data)
+        if self.objective is not None:
+            _one_of(self.objective, "--objective", OBJECTIVES)
+        _one_of(self.data_order, "--data-order", DATA_ORDERS)
 
     @property
     def model_name(self) -> str:

@@ -198,6 +198,10 @@ def build_job(config: PretrainConfig, ctx, log):
     from bertopt.train.job import Job
     from bertopt.train.presets import build_config, config_from_file
 
+    if config.data is not None:  # pretraining shards: BERT's pairs, masks and loss
+        from bertopt.train.shard_pretrain import build_shard_job
+
+        return build_shard_job(config, ctx, log)
     if config.init_from is not None:
         if config.preset is not None or config.config_file is not None:
             raise UsageError("--init-from takes the model from that run; leave out --preset and --config")
