@@ -1,6 +1,7 @@
-"""`bertopt export-tf`: a run directory's BertForPreTraining, with the Adam slots and global step
-that `bertopt import-tf` saved, as a TF checkpoint Google's code reads (``tf.train.load_checkpoint``,
-``run_pretraining.py --init_checkpoint``)."""
+"""`bertopt export-tf`: a run directory's BertForPreTraining, with its Adam slots and global step,
+as a TF checkpoint Google's code reads (``tf.train.load_checkpoint``,
+``run_pretraining.py --init_checkpoint``). The state is that of the run's newest checkpoint (a
+trained run, or the one ``import-tf`` writes), else ``model/`` with the slots of ``google_optimizer.pt``."""
 
 from __future__ import annotations
 
@@ -39,7 +40,19 @@ def run(args: argparse.Namespace) -> int:
                          "weights missing). export-tf writes a BERT (BertModel, BertForMaskedLM or BertForPreTraining "
                          "directory, as import-tf and pretrain write them); give such a run directory")
     optimizer_state, step = None, args.global_step
-    if (args.run_dir / OPTIMIZER_FILE).is_file():
+    trained = newest_checkpoint(args.run_dir)
+    if trained is not None:  # the run's own state: weights, BertAdam's moments and step of its newest checkpoint
+        missing, unexpected = model.load_state_dict(trained.state["model"], strict=False)
+        if unexpected:
+            raise UsageError(f"{trained.info.manifest_path} holds {unexpected[0]} ({len(unexpected)} weights), which "
+                             f"{model_dir}/config.json's BertForPreTraining has not: the checkpoint and model/ belong "
+                             "to different models")
+        fresh = {k for k in missing if k != "cls.predictions.decoder.weight"}  # tied to the word embeddings
+        # no moments yet (a checkpoint imported without Adam slots): weights only, as from google_optimizer.pt
+        optimizer_state = by_name(trained.state["optimizer"]) if trained.state["optimizer"]["state"] else None
+        step = int(trained.state["loop"]["step"]) if step is None else step
+        print(f"exporting {trained.info.manifest_path} (step {trained.state['loop']['step']})")
+    elif (args.run_dir / OPTIMIZER_FILE).is_file():
         saved = load_imported_state(args.run_dir)
         if saved.get("model_digest") not in (None, model_digest(model_dir)):
             raise UsageError(
@@ -59,3 +72,19 @@ def run(args: argparse.Namespace) -> int:
     if fresh:
         print(f"  note: {model_dir} has no {', '.join(sorted(fresh))}: left out of the checkpoint")
     return 0
+
+
+def newest_checkpoint(run_dir: Path):
+    """The newest checkpoint of ``run_dir/checkpoints`` that verifies (a LoadedCheckpoint), or None."""
+    from bertopt.train import checkpoint as ckpt
+
+    if not ckpt.list_checkpoints(run_dir / "checkpoints"):
+        return None
+    return ckpt.load_checkpoint(run_dir / "checkpoints")
+
+
+def by_name(optimizer_state: dict) -> dict:
+    """A checkpoint's optimizer state (keyed by parameter names, as torch's distributed state-dict
+    helpers save it) in the form google_variables reads: param groups with ``param_names``."""
+    names = [name for group in optimizer_state["param_groups"] for name in group["params"]]
+    return {"param_groups": [{"params": names, "param_names": names}], "state": optimizer_state["state"]}

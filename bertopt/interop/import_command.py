@@ -31,6 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gelu", choices=("tanh", "erf"), default="tanh",
                         help="GELU form: tanh (google-research/bert's modeling.py since 2019, default) or erf "
                              "(the 2018 code that trained the first released BERT-Base/Large)")
+    # Google's run settings (run_pretraining.py's flags, its defaults): recorded in the run's bertopt
+    # checkpoint, which `bertopt pretrain --out RUN_DIR --resume --data SHARDS` continues with them
+    parser.add_argument("--lr", type=float, default=5e-5, help="the run's learning_rate (default: 5e-5)")
+    parser.add_argument("--steps", type=int, default=100000, help="the run's num_train_steps (default: 100000)")
+    parser.add_argument("--warmup-steps", type=int, default=10000,
+                        help="the run's num_warmup_steps (default: 10000)")
+    parser.add_argument("--batch-size", type=int, default=32, help="the run's train_batch_size (default: 32)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,17 +50,50 @@ def run(args: argparse.Namespace) -> int:
     if (args.out / "model").exists():
         raise UsageError(f"--out {args.out}: holds a model directory already; choose a new --out directory")
     prefix = resolve_prefix(args.checkpoint)
+    step_note = "" if args.steps >= 1 and args.warmup_steps >= 0 and args.batch_size >= 1 and args.lr > 0 else "x"
+    if step_note:
+        raise UsageError(f"--lr {args.lr}, --steps {args.steps}, --warmup-steps {args.warmup_steps}, --batch-size "
+                         f"{args.batch_size}: give the Google run's settings (lr > 0, steps >= 1, warmup >= 0, "
+                         "batch size >= 1)")
     imported = import_tf_checkpoint(prefix, args.bert_config, args.vocab, args.out,
                                     do_lower_case=args.do_lower_case, gelu=args.gelu)
     tmp = args.out / f".{OPTIMIZER_FILE}.tmp-{os.getpid()}"
     torch.save({"global_step": imported.global_step, "slots": imported.slots, "notes": imported.notes,
                 "model_digest": model_digest(args.out / "model")}, tmp)
     os.replace(tmp, args.out / OPTIMIZER_FILE)  # whole or absent, never half-written
+    manifest = write_run_checkpoint(imported, prefix, args)
     print(f"imported {prefix}: {args.out / 'model'} (BertForPreTraining, hidden_act {imported.config.hidden_act}), "
           f"global_step {imported.global_step}, Adam slots {'imported' if imported.slots else 'absent'}")
+    print(f"  checkpoint {manifest}: Google's run at step {imported.global_step or 0} of {args.steps} (lr {args.lr:g}, "
+          f"warmup {args.warmup_steps}, batch {args.batch_size}); continue it with: bertopt pretrain --out {args.out} "
+          f"--resume --data SHARDS --lr {args.lr:g} --steps {args.steps} --warmup-steps {args.warmup_steps} "
+          f"--batch-size {args.batch_size}")
     for note in imported.notes:
         print(f"  note: {note}")
     return 0
+
+
+def write_run_checkpoint(imported, prefix, args) -> Path:
+    """RUN_DIR/checkpoints: a bertopt checkpoint of Google's run at ``global_step`` (weights, Adam
+    moments as BertAdam's, the schedule at that step), whose run info records the import and the
+    run's settings, so that ``bertopt pretrain --out RUN_DIR --resume --data SHARDS`` continues it."""
+    from bertopt.errors import UsageError
+    from bertopt.recipe import create_optimizer
+    from bertopt.train.google_objective import MlmNspObjective
+    from bertopt.train.resume import starting_checkpoint
+
+    step = imported.global_step or 0
+    if args.steps <= step:
+        raise UsageError(f"--steps {args.steps}: the checkpoint is at global_step {step} already; give the Google "
+                         "run's num_train_steps (more than its global_step)")
+    model = MlmNspObjective(imported.model())  # the module `pretrain --data` trains: same parameter names
+    optimizer, scheduler = create_optimizer(model, args.lr, args.steps, args.warmup_steps)
+    imported.load_optimizer(optimizer, scheduler)
+    run_info = {"command": "pretrain", "imported_from": str(prefix), "imported_step": step, "objective": "mlm+nsp",
+                "steps": args.steps, "lr": args.lr, "warmup_steps": args.warmup_steps, "batch_size": args.batch_size,
+                # AdamWeightDecayOptimizer in optimization.create_optimizer: BertAdam's defaults
+                "optimizer": "adam", "schedule_style": "google", "weight_decay": 0.01, "max_grad_norm": 1.0}
+    return starting_checkpoint(args.out / "checkpoints", model, optimizer, scheduler, step, run_info)
 
 
 def model_digest(model_dir) -> str:

@@ -60,11 +60,8 @@ def save(run: Training, state: LoopState) -> Path | None:
     rng_states = run.ctx.all_gather_object(ckpt.capture_rng_state())
     path = None
     if run.ctx.is_main:
-        loop = state.state_dict() | {"world_size": run.ctx.world_size}
-        if hasattr(run.optimizer, "skipped_steps"):
-            loop["optimizer_skipped_steps"] = int(run.optimizer.skipped_steps)
-        payload = {"model": model_state, "optimizer": optim_state, "scheduler": run.scheduler.state_dict(),
-                   "rng": rng_states, "loop": loop}
+        payload = build_payload(model_state, optim_state, run.optimizer, run.scheduler, rng_states, state,
+                                run.ctx.world_size)
         if run.amp.scaler.is_enabled():
             payload["scaler"] = run.amp.scaler.state_dict()
         meta = {"run": run.job.run_info, "world_size": run.ctx.world_size}
@@ -82,6 +79,27 @@ def save(run: Training, state: LoopState) -> Path | None:
             ) from exc
     run.ctx.barrier()
     return path
+
+
+def build_payload(model_state: dict, optim_state: dict, optimizer, scheduler, rng_states: list, state: LoopState,
+                  world_size: int) -> dict:
+    """What a checkpoint holds (:func:`restore` reads it back): model, optimizer, scheduler, every
+    rank's RNG states and the loop state."""
+    loop = state.state_dict() | {"world_size": world_size}
+    if hasattr(optimizer, "skipped_steps"):
+        loop["optimizer_skipped_steps"] = int(optimizer.skipped_steps)
+    return {"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(), "rng": rng_states,
+            "loop": loop}
+
+
+def starting_checkpoint(directory: Path, model, optimizer, scheduler, step: int, run_info: dict) -> Path:
+    """A checkpoint of a run that starts at ``step`` with this model, optimizer and scheduler (as
+    they are), written by one process: ``--resume`` continues from it as from any checkpoint
+    (``bertopt import-tf`` writes Google's run this way). The RNG states are this process's."""
+    model_state, optim_state = ckpt.get_training_state(model, optimizer)
+    payload = build_payload(model_state, optim_state, optimizer, scheduler, [ckpt.capture_rng_state()],
+                            LoopState(step=step), 1)
+    return ckpt.save_checkpoint(directory, step, payload, meta={"run": run_info, "world_size": 1}).manifest_path
 
 
 def intact(last_checkpoint: Path | None, checkpoint_dir: Path, *, sentence_start: bool = False) -> str:
