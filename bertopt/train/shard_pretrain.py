@@ -325,7 +325,8 @@ def build_shard_job(config: PretrainConfig, ctx, log):
     log(f"model: BERT {model_name} (BertForPreTraining), {run_info['parameters'] / 1e6:.2f}M parameters, vocab "
         f"{bert_config.vocab_size}; {len(train):,} training instances of {seq_len} tokens from {len(train.files)} "
         f"shard file{'s' if len(train.files) > 1 else ''} ({config.data_order}); objective {objective}; "
-        f"{config.steps} steps of {batch_size}, {optim.optimizer} lr {optim.lr:g}")
+        f"{config.steps} steps of {batch_size}, {optim.optimizer} lr {optim.lr:g}"
+        + (f"; {ctx.world_size} processes ({'FSDP2' if config.run.fsdp else 'DDP'}, {ctx.backend})" if ctx.enabled else ""))
     log(eval_note)
 
     def export(model_state: dict, directory: Path) -> None:

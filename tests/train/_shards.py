@@ -1,6 +1,7 @@
 """Tiny BERT pretraining shards for tests, written with bertopt.interop.tfrecord's writer: a vocabulary
-of 5 special tokens and 43 words, and sentence pairs whose words follow a learnable rule (each word
-is the previous one + a step drawn per document) with Google's seven features, padding included."""
+of 5 special tokens and 43 words; sentence pairs of words drawn from a skewed (Zipf) distribution,
+the actual next segment made of the first one's words (so MLM and NSP can be learned), with
+Google's seven features, padding included."""
 
 from __future__ import annotations
 
@@ -31,14 +32,15 @@ def make_shards(n: int, *, seq_len: int = 24, max_predictions: int = 4, seed: in
     labels = np.zeros((n, max_predictions), np.int32)
     weights = np.zeros((n, max_predictions), np.float32)
     is_random = rng.integers(0, 2, n).astype(np.int8)
+    zipf = 1.0 / np.arange(1, top + 1) ** 1.5
+    zipf /= zipf.sum()
     for i in range(n):
         length = seq_len if rng.random() < 0.7 else int(rng.integers(seq_len // 2, seq_len))
         a_len = (length - 3) // 2
         b_len = length - 3 - a_len
-        step, start = int(rng.integers(1, 4)), int(rng.integers(0, top))
-        a = [first + (start + step * k) % top for k in range(a_len)]
-        b_start = int(rng.integers(0, top)) if is_random[i] else start + step * a_len
-        b = [first + (b_start + step * k) % top for k in range(b_len)]
+        a = list(first + rng.choice(top, size=a_len, p=zipf))
+        # the actual next segment repeats A's words; a random one is drawn anew (NSP can be learned)
+        b = list(rng.choice(a, size=b_len)) if not is_random[i] else list(first + rng.choice(top, size=b_len, p=zipf))
         row = [2, *a, 3, *b, 3]
         ids[i, :length] = row
         mask[i, :length] = 1
