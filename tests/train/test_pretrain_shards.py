@@ -151,7 +151,9 @@ def _shard_without(path, feature):
                      "--vocab-size"),
     ("no vocabulary", "--data needs the vocabulary the shards were made with"),
     ("nsp without labels", "--objective mlm+nsp needs next_sentence_labels"),
-])
+    ("data flags without data", "--objective, --vocab-file go with --data (pretraining shards)"),
+], ids=["missing-feature", "seq-len", "vocabulary", "corpus-flags", "no-vocabulary", "nsp-without-labels",
+        "data-flags-without-data"])
 def test_bad_input_is_one_clear_paragraph(data, tmp_path, capsys, case, message):
     args = argv(data, tmp_path / "run")
     data_at = args.index("--data") + 1
@@ -168,9 +170,12 @@ def test_bad_input_is_one_clear_paragraph(data, tmp_path, capsys, case, message)
     elif case == "no vocabulary":
         at = args.index("--vocab-file")
         del args[at:at + 2]
-    else:
+    elif case == "nsp without labels":
         args[data_at] = write_shards(tmp_path / "mlm", n=40, files=1, nsp=False)[0]
         args += ["--objective", "mlm+nsp"]
+    else:
+        del args[data_at - 1:data_at + 1]
+        args += ["--objective", "mlm"]
     assert cli(args) == 2
     err = capsys.readouterr().err
     assert message in err, err
