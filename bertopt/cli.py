@@ -117,9 +117,13 @@ def _pretrain_flags(parser: argparse.ArgumentParser) -> None:
                                                  f"(default: {defaults.model_name})")
     _adder(which, "task", None)("--config", field="config_file", type=Path, metavar="JSON",
                                 help="a BertConfig JSON file instead of a preset (vocab_size is taken from the tokenizer)")
-    _adder(group, "task", None)("--init-from", type=Path, metavar="RUN_DIR",
-                                help="start from the weights of a finished pretraining run, with a fresh optimizer "
-                                     "and schedule (BERT's phase 2, e.g. at a longer --seq-len)")
+    # --init-from RUN_DIR, its old name, stays accepted: a finished run's directory is a MODEL
+    group.add_argument("--from", "--init-from", dest="task.from_model", type=Path, metavar="MODEL",
+                       default=argparse.SUPPRESS,
+                       help="continue pretraining MODEL: a Hugging Face BERT directory (BertForMaskedLM, "
+                            "BertForPreTraining or BertModel) or a finished `bertopt pretrain` --out directory "
+                            "(BERT's phase 2, e.g. at a longer --seq-len). Model, size and tokenizer come from "
+                            "it; fresh optimizer and schedule. --init-from is its old name")
     add = _adder(group, "task", None)
     add("--dropout", type=float, help="hidden and attention dropout (default: the preset's or config's, 0.1 in BERT)")
     group = parser.add_argument_group("data")

@@ -32,6 +32,8 @@ NONFINITE_POLICIES = ("stop", "skip")  # what the loop does with a nan/inf train
 PRECISIONS = ("fp32", "bf16", "fp16")  # autocast dtype of forward/backward; weights and state stay fp32
 DEVICES = ("auto", "cpu", "cuda")
 
+DEFAULT_VOCAB_SIZE = 4096  # of the WordPiece tokenizer a scratch run trains
+
 __all__ = ["OptimConfig", "RunConfig", "PretrainConfig", "FinetuneConfig", "OPTIMIZERS", "SCHEDULE_STYLES",
            "WEIGHT_DECAY_MODES", "NONFINITE_POLICIES", "PRECISIONS", "DEVICES"]
 
@@ -158,12 +160,14 @@ class PretrainConfig:
     preset: str | None = None  # None: "tiny" unless config_file is given
     config_file: Path | None = None  # a BertConfig JSON instead of a preset
     dropout: float | None = None  # None: the preset's or config's (0.1 in BERT)
-    init_from: Path | None = None  # start from another run's weights, fresh optimizer and schedule
+    # a published BERT (Hugging Face directory) or a finished run to continue pretraining: model,
+    # size and tokenizer come from it; fresh optimizer and schedule (the CLI's --init-from is its old name)
+    from_model: Path | None = None
     # data
     corpus: tuple[Path, ...] | None = None  # None: the Wikipedia sample in the gensim wheel
     line_per_document: bool = False
-    vocab_size: int = 4096
-    lowercase: bool = True
+    vocab_size: int | None = None  # None: DEFAULT_VOCAB_SIZE (with from_model: the model's)
+    lowercase: bool | None = None  # None: True, as BERT-uncased (with from_model: the model's)
     seq_len: int = 64
     mask_prob: float = 0.15
     whole_word_masking: bool = False
@@ -177,7 +181,19 @@ class PretrainConfig:
 
         _need(self.steps >= 1, "--steps", ">= 1", self.steps)
         _need(8 <= self.seq_len <= 512, "--seq-len", "between 8 and 512 (BERT's position embeddings)", self.seq_len)
-        _need(105 <= self.vocab_size <= 1_000_000, "--vocab-size", "between 105 and 1000000", self.vocab_size)
+        if self.from_model is not None:
+            given = [flag for flag, value in (("--preset", self.preset), ("--config", self.config_file),
+                                              ("--vocab-size", self.vocab_size), ("--cased", self.lowercase))
+                     if value is not None]
+            if given:
+                raise ValueError(
+                    f"--from {self.from_model} takes the model, its size and its tokenizer (vocabulary, casing) from "
+                    f"that model; leave out {', '.join(given)} (a published model's vocabulary cannot change "
+                    "without losing what it learned; for another size or tokenizer, pretrain from scratch)")
+        else:
+            self.vocab_size = DEFAULT_VOCAB_SIZE if self.vocab_size is None else self.vocab_size
+            self.lowercase = True if self.lowercase is None else self.lowercase
+            _need(105 <= self.vocab_size <= 1_000_000, "--vocab-size", "between 105 and 1000000", self.vocab_size)
         _need(self.dropout is None or 0 <= self.dropout < 1, "--dropout", "in [0, 1)", self.dropout)
         _need(0 < self.mask_prob < 1, "--mask-prob", "in (0, 1)", self.mask_prob)
         _need(self.eval_sequences >= 1, "--eval-sequences", ">= 1", self.eval_sequences)
@@ -187,13 +203,15 @@ class PretrainConfig:
             _one_of(self.preset, "--preset", tuple(PRESETS))
         if self.corpus is not None:
             self.corpus = tuple(Path(p) for p in self.corpus)
-        for name in ("config_file", "init_from", "cache_dir"):
+        for name in ("config_file", "from_model", "cache_dir"):
             if getattr(self, name) is not None:
                 setattr(self, name, Path(getattr(self, name)))
         self.optim.check_steps(self.steps)
 
     @property
     def model_name(self) -> str:
+        if self.from_model is not None:
+            return f"from {self.from_model}"
         return self.config_file.name if self.config_file else (self.preset or "tiny")
 
 
