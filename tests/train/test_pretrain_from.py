@@ -219,3 +219,16 @@ def test_a_model_it_cannot_continue_is_refused_before_any_work(env, tmp_path, ca
     assert cli(argv) == 2
     _error(capsys, *expect)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_minilm_from_its_wheel_reads_as_a_bert_with_its_own_tokenizer():
+    """all-MiniLM-L6-v2 (a sentence-transformers BertModel): BERT's uncased vocabulary and special
+    ids, and whole documents encoded: its tokenizer.json would cut every text at 128 tokens and pad."""
+    from bertopt.train.finetune import default_model_dir
+
+    published = read_model(default_model_dir(), seq_len=128)
+    assert published.special_ids.all() == (0, 100, 101, 102, 103) and published.lowercase is True
+    assert published.vocab_size == 30522 and published.config.hidden_size == 384
+    assert published.tokenizer.backend_tokenizer.truncation is not None  # what the corpus must not get
+    ids = published.backend.encode("The cat sees the dog. " * 100, add_special_tokens=False).ids
+    assert len(ids) == 600 and 0 not in ids
