@@ -23,7 +23,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trainer_mlm import BATCH, REPO, SEQ_LEN, bertopt_command, default_cache_dir, versions  # noqa: E402
+from trainer_mlm import BATCH, REPO, SEQ_LEN, bertopt_command, versions  # noqa: E402
+
+from bertopt.cache import cache_dir  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "compile"
 
@@ -69,7 +71,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--skip", type=int, default=10)
-    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    parser.add_argument("--cache-dir", type=Path, default=cache_dir("pretrain"))
     parser.add_argument("--timeout", type=float, default=1200)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)

@@ -57,11 +57,7 @@ def main(argv=None) -> int:
         return run
 
     steps = {"full": step("full"), "cls": step("cls")}
-    for run in steps.values():  # warm-up: the first two batches
-        run(), run()
-    monitor = harness.LoadMonitor()
-    times = harness.interleaved_times(steps, {name: args.batches for name in steps})
-    load = monitor.stop()
+    times, load = harness.timed_under_load(steps, args.batches, warmup=2)  # warm-up: the first two batches
     summary = {name: {"median_ms": statistics.median(ts) * 1e3} for name, ts in times.items()}
     summary["full_over_cls_medians"] = summary["full"]["median_ms"] / summary["cls"]["median_ms"]
     # interleaved_times rotates the order each round; round r of each list timed the same batch

@@ -20,8 +20,6 @@ and reports medians and the median per-round ratio to BertAdam.
 
 from __future__ import annotations
 
-import statistics
-
 import torch
 
 from bertopt.bench import harness
@@ -67,18 +65,8 @@ def main(argv=None) -> int:
 
         steps[name] = run
     steps["bertadam"] = METHODS[FAST_PATH].build(tensors.params, tensors.names, tensors.moments)
-    for step in steps.values():  # warm-up: lazy state, kernel compile, first touch
-        step()
-    monitor = harness.LoadMonitor()
-    times = harness.interleaved_times(steps, {name: args.reps for name in steps})
-    load = monitor.stop()
-
-    adam = times["bertadam"]
-    summary = {
-        name: {"median_ms": statistics.median(t) * 1e3,
-               "vs_bertadam_paired": statistics.median(a / b for a, b in zip(t, adam))}
-        for name, t in times.items()
-    }
+    times, load = harness.timed_under_load(steps, args.reps)
+    summary = harness.paired_to(times, "bertadam", "vs_bertadam_paired")
     for name, s in summary.items():
         print(f"{name:<12} {s['median_ms']:8.1f} ms   x BertAdam (paired) {s['vs_bertadam_paired']:.3f}")
     print(f"load: {load}")

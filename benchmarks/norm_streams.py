@@ -11,7 +11,6 @@ in-place add probe, and reports medians and the median per-round ratio to one st
 
 from __future__ import annotations
 
-import ctypes
 import statistics
 import tempfile
 from pathlib import Path
@@ -24,33 +23,21 @@ STREAMS = (1, 2, 4, 8)
 
 def main(argv=None) -> int:
     args = harness.script_arguments(__doc__, argv, reps=21)
-    cc = build.find_compiler()
-    if cc is None:
-        raise SystemExit("no C compiler found")
     t = harness.make_tensors(args.size)
     grads = [p.grad for p in t.params]
     steps = {"probe": harness.inplace_add_probe(t.count)}
     with tempfile.TemporaryDirectory() as tmp:
         for k in STREAMS:
-            path = Path(tmp) / f"streams{k}.so"
-            err = build.compile_library(cc, path, build.BASE_FLAGS + ["-march=native", f"-DNORM_STREAMS={k}"])
-            if err:
-                raise SystemExit(err)
-            lib = ctypes.CDLL(str(path))
-            kernels.declare(lib)
+            lib = build.variant_library(Path(tmp), {"NORM_STREAMS": k})
             steps[f"streams-{k}"] = lambda lib=lib: kernels.sum_of_squares(lib, grads)
         sums = {name: step() for name, step in steps.items() if name != "probe"}
         if max(sums.values()) / min(sums.values()) - 1 > 1e-7:  # same blocks, only their order differs
             raise SystemExit(f"the variants disagree: {sums}")
-        monitor = harness.LoadMonitor()
-        times = harness.interleaved_times(steps, {name: args.reps for name in steps})
-        load = monitor.stop()
-    one = times["streams-1"]
+        times, load = harness.timed_under_load(steps, args.reps, warmup=0)  # the sums warmed the kernels up
     probe = statistics.median(times["probe"])
-    summary = {"probe_GBps": 12 * t.count / probe / 1e9, "norm_floor_ms": probe * 4 / 12 * 1e3}
-    for name, ts in times.items():
-        summary[name] = {"median_ms": statistics.median(ts) * 1e3,
-                         "vs_one_stream_paired": statistics.median(a / b for a, b in zip(ts, one))}
+    summary = {"probe_GBps": 12 * t.count / probe / 1e9, "norm_floor_ms": probe * 4 / 12 * 1e3,
+               **harness.paired_to(times, "streams-1", "vs_one_stream_paired")}
+    for name in times:
         print(f"{name:<11} {summary[name]['median_ms']:7.1f} ms   x one stream (paired) "
               f"{summary[name]['vs_one_stream_paired']:.3f}")
     print(f"norm floor (4 B/param at the in-place add's {summary['probe_GBps']:.1f} GB/s): "

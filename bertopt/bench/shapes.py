@@ -3,39 +3,19 @@
 ``bert_parameter_shapes`` lists the parameters of ``BertModel`` (embeddings, encoder,
 pooler) in ``named_parameters()`` order with Hugging Face's names, so Google's decay
 exclusion (``LayerNorm``/``bias``) applies to them as it would to the real model.
-bert-base-uncased gives 109,482,240 parameters.
+bert-base-uncased gives 109,482,240 parameters. The sizes are ``bertopt.sizes``'.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
-
 from bertopt.grouping import BERT_EXCLUDE
+from bertopt.sizes import BERT_SIZES, BertSize
 
 
-@dataclass(frozen=True)
-class BertSize:
-    hidden: int
-    layers: int
-    intermediate: int
-    vocab: int = 30522
-    max_positions: int = 512
-    type_vocab: int = 2
-
-
-# The sweep: Google's released BERT sizes (the small ones from "Well-Read Students Learn
-# Better", Turc et al. 2019), plus a ~1M-parameter model at the bottom.
-SIZES: dict[str, BertSize] = {
-    "bert-h32": BertSize(hidden=32, layers=2, intermediate=128),
-    "bert-tiny": BertSize(hidden=128, layers=2, intermediate=512),
-    "bert-mini": BertSize(hidden=256, layers=4, intermediate=1024),
-    "bert-small": BertSize(hidden=512, layers=4, intermediate=2048),
-    "bert-medium": BertSize(hidden=512, layers=8, intermediate=2048),
-    "bert-base": BertSize(hidden=768, layers=12, intermediate=3072),
-    "bert-large": BertSize(hidden=1024, layers=24, intermediate=4096),
-}
+# The sweep: every size of the table but the test model "nano", named "bert-<size>".
+SIZES: dict[str, BertSize] = {f"bert-{name}": size for name, size in BERT_SIZES.items() if name != "nano"}
 
 
 def bert_parameter_shapes(size: BertSize) -> list[tuple[str, tuple[int, ...]]]:

@@ -1,4 +1,5 @@
-"""What the drop-ins share: choosing an implementation, and steering bertopt's fused kernel.
+"""What the drop-ins share: gathering tensors and state, and steering bertopt's fused kernel (they
+choose an implementation as BertAdam and Lamb do, ``bertopt.optim.base.choose_implementation``).
 
 bertopt's fused update (the native C kernel on float32 CPU tensors, torch's fused AdamW
 kernel elsewhere) computes, per element and with no bias correction::
@@ -25,22 +26,31 @@ from torch import Tensor
 
 # The internals of bertopt.optim used here: its functional Adam entry point, and whether
 # its native kernel (rather than torch's fused one) will take a list of tensors.
-from bertopt.optim import base
 from bertopt.optim._adam import AdamHyper, bert_adam as _bert_adam
 from bertopt.optim.native import build, kernels
 
-IMPLEMENTATIONS = ("reference", "foreach", "fused")
 
-
-def check_foreach_fused(foreach, fused) -> None:
-    if foreach and fused:
-        raise ValueError("foreach and fused cannot both be True; pick one (fused is faster where it exists)")
-
-
-# As torch.optim: fused when asked for, or by default where every tensor supports it; foreach when
-# asked for (or by default off CPU); else the original's per-tensor loop. The same choice as
-# BertAdam's and Lamb's.
-choose_implementation = base.choose_implementation
+def gather(optimizer, group: dict, moments: tuple[str, str]) -> tuple[list[Tensor], ...]:
+    """The parameters of ``group`` that have gradients, their gradients and their two moments
+    (state keys ``moments``), creating the moments and a step count of 0 on first use, as the
+    originals do; their error for sparse gradients."""
+    params, grads, firsts, seconds = [], [], [], []
+    first, second = moments
+    for p in group["params"]:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+        state = optimizer.state[p]
+        if len(state) == 0:
+            state["step"] = 0
+            state[first] = torch.zeros_like(p)
+            state[second] = torch.zeros_like(p)
+        params.append(p)
+        grads.append(p.grad)
+        firsts.append(state[first])
+        seconds.append(state[second])
+    return params, grads, firsts, seconds
 
 
 def native_kernel_takes(*tensor_lists: list[Tensor]) -> bool:
@@ -72,12 +82,3 @@ def fused_update(params, grads, exp_avgs, exp_avg_sqs, *, lr: float, beta1: floa
     coef = None if clip_coef is None else torch.tensor(clip_coef, dtype=torch.float32)
     _bert_adam(params, grads, exp_avgs, exp_avg_sqs, [_SCRATCH_STEP] * len(params), hyper, coef, "fused")
 
-
-def by_device_and_dtype(*lists):
-    """Split parallel lists into chunks whose first list's tensors share device and dtype."""
-    buckets: dict[tuple, list[list]] = {}
-    for items in zip(*lists):
-        bucket = buckets.setdefault((items[0].device, items[0].dtype), [[] for _ in lists])
-        for lst, item in zip(bucket, items):
-            lst.append(item)
-    return list(buckets.values())

@@ -25,7 +25,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from bertopt.compat import _engine
-from bertopt.optim.base import check_hyperparameters
+from bertopt.optim._adam import group_by_device_and_dtype
+from bertopt.optim.base import check_foreach_fused, check_hyperparameters, choose_implementation
 
 
 # transformers' checks (lr, betas, eps), plus weight_decay >= 0 (it ignored negative values): BertAdam's
@@ -60,7 +61,7 @@ class AdamW(Optimizer):
         fused: bool | None = None,
     ):
         check_adamw_hyperparameters(lr, betas, eps, weight_decay)
-        _engine.check_foreach_fused(foreach, fused)
+        check_foreach_fused(foreach, fused)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         correct_bias=correct_bias, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
@@ -68,7 +69,7 @@ class AdamW(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = {**self.defaults, **param_group}
         check_adamw_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
-        _engine.check_foreach_fused(merged.get("foreach"), merged.get("fused"))
+        check_foreach_fused(merged.get("foreach"), merged.get("fused"))
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -89,26 +90,13 @@ class AdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] = int(state["step"]) + 1  # an int, as transformers keeps it
-                params.append(p)
-                grads.append(p.grad)
-                exp_avgs.append(state["exp_avg"])
-                exp_avg_sqs.append(state["exp_avg_sq"])
-                steps.append(state["step"])
+            params, grads, exp_avgs, exp_avg_sqs = _engine.gather(self, group, ("exp_avg", "exp_avg_sq"))
             if not params:
                 continue
-            impl = _engine.choose_implementation(params, group["foreach"], group["fused"])
+            for p in params:
+                self.state[p]["step"] = int(self.state[p]["step"]) + 1  # an int, as transformers keeps it
+            steps = [self.state[p]["step"] for p in params]
+            impl = choose_implementation(params, group["foreach"], group["fused"])
             _UPDATES[impl](params, grads, exp_avgs, exp_avg_sqs, steps, group)
         return loss
 
@@ -139,7 +127,7 @@ def adamw_foreach(params, grads, exp_avgs, exp_avg_sqs, steps, group) -> None:
     """The same operations on lists of tensors (one device and dtype at a time)."""
     beta1, beta2 = group["betas"]
     lr, wd = float(group["lr"]), group["weight_decay"]
-    for chunk in _engine.by_device_and_dtype(params, grads, exp_avgs, exp_avg_sqs, steps):
+    for chunk in group_by_device_and_dtype(params, grads, exp_avgs, exp_avg_sqs, steps):
         p, g, m, v, t = chunk
         torch._foreach_mul_(m, beta1)
         torch._foreach_add_(m, g, alpha=1.0 - beta1)

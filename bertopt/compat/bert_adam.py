@@ -32,6 +32,8 @@ from torch.optim.optimizer import required
 
 from bertopt.compat import _engine
 from bertopt.compat.ppb_schedules import SCHEDULES, from_original
+from bertopt.optim._adam import group_by_device_and_dtype
+from bertopt.optim.base import check_foreach_fused, choose_implementation
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +115,7 @@ class BertAdam(Optimizer):
             warnings.warn(f"BertAdam ignores the keyword arguments {sorted(kwargs)} "
                           "(as pytorch-pretrained-bert did)", stacklevel=2)
         check_bert_adam_hyperparameters(lr, b1, b2, e, weight_decay)
-        _engine.check_foreach_fused(foreach, fused)
+        check_foreach_fused(foreach, fused)
         schedule = make_schedule(schedule, warmup, t_total)
         defaults = dict(lr=lr, schedule=schedule, b1=b1, b2=b2, e=e, weight_decay=weight_decay,
                         max_grad_norm=max_grad_norm, foreach=foreach, fused=fused)
@@ -122,7 +124,7 @@ class BertAdam(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         merged = {**self.defaults, **param_group}
         check_bert_adam_hyperparameters(merged["lr"], merged["b1"], merged["b2"], merged["e"], merged["weight_decay"])
-        _engine.check_foreach_fused(merged.get("foreach"), merged.get("fused"))
+        check_foreach_fused(merged.get("foreach"), merged.get("fused"))
         if "schedule" in param_group and not _is_schedule_object(param_group["schedule"]):
             raise ValueError(f"a param group's schedule must be a schedule object, got {param_group['schedule']!r}")
         super().add_param_group(param_group)
@@ -157,25 +159,11 @@ class BertAdam(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, next_ms, next_vs, steps = [], [], [], [], []
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = 0
-                    state["next_m"] = torch.zeros_like(p)
-                    state["next_v"] = torch.zeros_like(p)
-                params.append(p)
-                grads.append(p.grad)
-                next_ms.append(state["next_m"])
-                next_vs.append(state["next_v"])
-                steps.append(int(state["step"]))
+            params, grads, next_ms, next_vs = _engine.gather(self, group, ("next_m", "next_v"))
             if not params:
                 continue
-            impl = _engine.choose_implementation(params, group["foreach"], group["fused"])
+            steps = [int(self.state[p]["step"]) for p in params]
+            impl = choose_implementation(params, group["foreach"], group["fused"])
             _UPDATES[impl](params, grads, next_ms, next_vs, steps, group)
             for p in params:
                 self.state[p]["step"] = int(self.state[p]["step"]) + 1
@@ -214,7 +202,7 @@ def bert_adam_foreach(params, grads, next_ms, next_vs, steps, group) -> None:
     """The same operations on lists of tensors."""
     beta1, beta2, wd = group["b1"], group["b2"], group["weight_decay"]
     lrs = _scheduled_lrs(group, steps)
-    for p, g, m, v, t in _engine.by_device_and_dtype(params, grads, next_ms, next_vs, steps):
+    for p, g, m, v, t in group_by_device_and_dtype(params, grads, next_ms, next_vs, steps):
         if group["max_grad_norm"] > 0:
             g = torch._foreach_mul(g, clip_coefficients(g, group["max_grad_norm"]))
         torch._foreach_mul_(m, beta1)

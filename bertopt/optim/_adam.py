@@ -191,18 +191,6 @@ def torch_fused_kernel_steps(steps: list[Tensor], h: AdamHyper, found_inf: Tenso
     return [torch.full((), NO_BIAS_CORRECTION_STEP, dtype=torch.float32, device=device)] * len(steps)
 
 
-def grad_slices(params: list[Tensor], max_numel: int = GRAD_COPY_NUMEL):
-    """Index ranges of consecutive tensors of at most ``max_numel`` elements (or one larger)."""
-    start, total = 0, 0
-    for i, p in enumerate(params):
-        if i > start and total + p.numel() > max_numel:
-            yield start, i
-            start, total = i, 0
-        total += p.numel()
-    if start < len(params):
-        yield start, len(params)
-
-
 def bert_adam_fused_torch(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper, clip_coef: Tensor | None,
                           found_inf: Tensor | None = None):
     """torch's fused Adam/AdamW kernel, steered to BERT's update (see module docstring).
@@ -219,7 +207,8 @@ def bert_adam_fused_torch(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHy
     # AdamW's kernel decays as p *= 1 - lr*wd before p -= lr*m/(sqrt(v)+eps): the same
     # p - lr*(u + wd*p) as Google's, both using p from before the step.
     kernel = torch._fused_adamw_ if h.decoupled else torch._fused_adam_
-    for a, b in grad_slices(params) if grad_scale is not None else [(0, len(params))]:
+    slices = consecutive_runs(params, GRAD_COPY_NUMEL) if grad_scale is not None else [(0, len(params))]
+    for a, b in slices:
         kernel_grads = grads[a:b] if grad_scale is None else [g.clone() for g in grads[a:b]]
         kernel(
             params[a:b], kernel_grads, exp_avgs[a:b], exp_avg_sqs[a:b], [], kernel_steps[a:b],
@@ -235,8 +224,12 @@ IMPLEMENTATIONS = {
 }
 
 
+# --- splitting the lists the foreach and fused paths take (BertAdam's, LAMB's, the drop-ins') ---
+
+
 def group_by_device_and_dtype(*tensor_lists):
-    """Split parallel tensor lists into per-(device, dtype) chunks for foreach/fused kernels."""
+    """Split parallel tensor lists into chunks whose first list's tensors share device and dtype
+    (the foreach and fused kernels take one device and dtype per call)."""
     buckets: dict[tuple, list[list]] = {}
     for items in zip(*tensor_lists):
         key = (items[0].device, items[0].dtype)
@@ -244,6 +237,19 @@ def group_by_device_and_dtype(*tensor_lists):
         for lst, item in zip(bucket, items):
             lst.append(item)
     return list(buckets.values())
+
+
+def consecutive_runs(tensors: list[Tensor], max_numel: int):
+    """Index ranges ``(start, end)`` of consecutive tensors of at most ``max_numel`` elements
+    in all (or one larger tensor): the gradient copies of torch's fused path, LAMB's buckets."""
+    start, total = 0, 0
+    for i, t in enumerate(tensors):
+        if i > start and total + t.numel() > max_numel:
+            yield start, i
+            start, total = i, 0
+        total += t.numel()
+    if start < len(tensors):
+        yield start, len(tensors)
 
 
 def bert_adam(params, grads, exp_avgs, exp_avg_sqs, steps, h: AdamHyper, clip_coef: Tensor | None, impl: str,

@@ -53,8 +53,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bertopt.optim._adam import (AdamHyper, adam_direction, bias_correction_factors, foreach_direction,
-                                 group_by_device_and_dtype, in_float32, one_tensor_at_a_time,
+from bertopt.optim._adam import (AdamHyper, adam_direction, bias_correction_factors, consecutive_runs,
+                                 foreach_direction, group_by_device_and_dtype, in_float32, one_tensor_at_a_time,
                                  torch_fused_kernel_steps)
 from bertopt.optim._dtensor import DTensor, local_part, whole_sums_of_squares
 from bertopt.optim.native import build, kernels
@@ -222,21 +222,6 @@ def _views(workspace: Tensor, params: list[Tensor]) -> list[Tensor]:
 IMPLEMENTATIONS = {"foreach": lamb_foreach, "fused": lamb_fused}
 
 
-def _buckets(chunk: list[list], max_numel: int):
-    """Split parallel lists into runs of consecutive tensors of at most ``max_numel``
-    elements of the whole tensors (``chunk[5]`` are the owners), or one tensor if larger."""
-    owners = chunk[5]
-    start, total = 0, 0
-    for i, owner in enumerate(owners):
-        n = owner.numel()
-        if i > start and total + n > max_numel:
-            yield [lst[start:i] for lst in chunk]
-            start, total = i, 0
-        total += n
-    if start < len(owners):
-        yield [lst[start:] for lst in chunk]
-
-
 def _workspace_for(workspaces: dict, params: list[Tensor]) -> Tensor:
     """A reused flat buffer on the params' device/dtype with room for them all."""
     needed = sum(p.numel() for p in params)
@@ -267,5 +252,6 @@ def lamb(params, grads, exp_avgs, exp_avg_sqs, steps, h: LambHyper, clip_coef: T
     workspaces = {} if workspaces is None else workspaces
     local = [[local_part(t) for t in tensors] for tensors in (params, grads, exp_avgs, exp_avg_sqs)]
     for chunk in group_by_device_and_dtype(*local, steps, params):
-        for bucket in _buckets(chunk, BUCKET_NUMEL):
-            fn(*bucket, h, clip_coef, workspaces, **extra)
+        owners = chunk[5]  # buckets by the whole tensors' sizes: the same on every process
+        for a, b in consecutive_runs(owners, BUCKET_NUMEL):
+            fn(*[lst[a:b] for lst in chunk], h, clip_coef, workspaces, **extra)

@@ -6,8 +6,8 @@
   step whose norm is inf/nan skipped whole and counted (``skipped_steps``), like GradScaler;
 - ``max_grad_norm`` and ``skipped_steps`` carried in ``state_dict()`` under the key "bertopt".
 
-A subclass says where a new step counter lives (``_new_step``) and how to update one group
-(``_update``); the implementation of a group is chosen here (``choose_implementation``).
+A subclass says how to update one group (``_update``); the implementation of a group is
+chosen here (``choose_implementation``), and so is where a new step counter lives (``_new_step``).
 """
 
 from __future__ import annotations
@@ -43,10 +43,16 @@ def check_max_grad_norm(max_grad_norm) -> None:
         raise ValueError(f"max_grad_norm must be > 0 or None (no clipping), got {max_grad_norm}")
 
 
-def choose_implementation(params: list[Tensor], foreach: bool | None, fused: bool | None) -> str:
-    """Like torch.optim: fused when asked for or when every tensor supports it."""
+def check_foreach_fused(foreach: bool | None, fused: bool | None) -> None:
     if foreach and fused:
         raise ValueError("foreach and fused cannot both be True; pick one (fused is faster where it exists)")
+
+
+def choose_implementation(params: list[Tensor], foreach: bool | None, fused: bool | None) -> str:
+    """Like torch.optim: fused when asked for or when every tensor supports it; foreach when
+    asked for (or by default off CPU); else the reference's per-tensor loop. BertAdam, Lamb
+    and the compat drop-ins all choose this way."""
+    check_foreach_fused(foreach, fused)
     supported = torch.utils._foreach_utils._get_fused_kernels_supported_devices()
     fusable = all(
         p.device.type in supported and p.is_floating_point() and not isinstance(p, DTensor) for p in params
@@ -77,8 +83,7 @@ class GlobalClipOptimizer(Optimizer):
                  max_grad_norm: float | None):
         check_hyperparameters(defaults["lr"], defaults["betas"], defaults["eps"], defaults["weight_decay"])
         check_max_grad_norm(max_grad_norm)
-        if defaults.get("foreach") and defaults.get("fused"):
-            raise ValueError("foreach and fused cannot both be True; pick one (fused is faster where it exists)")
+        check_foreach_fused(defaults.get("foreach"), defaults.get("fused"))
         super().__init__(params, defaults)
         self.max_grad_norm = max_grad_norm
         self.last_grad_norm: Tensor | None = None
@@ -129,7 +134,9 @@ class GlobalClipOptimizer(Optimizer):
         return choose_implementation([local_part(p) for p in params], group["foreach"], group["fused"])
 
     def _new_step(self, p: Tensor, impl: str) -> Tensor:
-        raise NotImplementedError
+        # The fused kernels want the step on the parameter's device (a skipped step is then
+        # undone there, without a host read); the others on CPU.
+        return torch.zeros((), dtype=torch.float32, device=p.device if impl == "fused" else "cpu")
 
     def _update(self, group: dict[str, Any], impl: str, tensors: tuple[list[Tensor], ...], clip_coef: Tensor | None,
                 found_inf: Tensor | None = None) -> None:

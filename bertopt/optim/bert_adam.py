@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-import torch
 from torch import Tensor
 
 from bertopt.optim import _adam
@@ -81,10 +80,6 @@ class BertAdam(GlobalClipOptimizer):
             group.setdefault("weight_decay_mode", "decoupled")
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
-
-    def _new_step(self, p: Tensor, impl: str) -> Tensor:
-        # The fused kernels want the step on the parameter's device; the others on CPU.
-        return torch.zeros((), dtype=torch.float32, device=p.device if impl == "fused" else "cpu")
 
     def _update(self, group, impl, tensors, clip_coef, found_inf=None) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = self._steps_for(impl, tensors)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
-import torch
 from torch import Tensor
 
 from bertopt.optim import _lamb
@@ -122,11 +121,6 @@ class Lamb(GlobalClipOptimizer):
         for group in self.param_groups:  # a checkpoint stores the pair as a list
             if group.get("trust_clip") is not None:
                 group["trust_clip"] = tuple(group["trust_clip"])
-
-    def _new_step(self, p: Tensor, impl: str) -> Tensor:
-        # The fused kernels want the step on the parameter's device (a skipped step is
-        # then undone there, without a host read); the others on CPU.
-        return torch.zeros((), dtype=torch.float32, device=p.device if impl == "fused" else "cpu")
 
     def _update(self, group, impl, tensors, clip_coef, found_inf=None) -> None:
         tensors = self._steps_for(impl, tensors)

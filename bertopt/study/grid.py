@@ -1,7 +1,7 @@
 """Run every (part, seed, variant) of the study through the real training commands.
 
 Each run is ``bertopt pretrain`` or ``bertopt finetune`` run in-process (the command skeleton,
-:func:`bertopt.train.command.run`) on a config built from the part's settings and the variant's
+:func:`bertopt.train.command.train`) on a config built from the part's settings and the variant's
 optimizer settings, into ``<out>/runs/<part>/<variant>/seed<k>/``. Runs of one seed share the
 model initialisation and the data order (both follow ``--seed``), so variants are compared on
 equal terms, paired by seed. Variants are interleaved within a seed, so a machine that slows down
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from bertopt.errors import EXIT_SIGINT, EXIT_SIGTERM, Terminated, UsageError
+from bertopt.errors import Terminated, UsageError, exit_code, explain
 from bertopt.study.variants import Variant
 from bertopt.train.report import finished_summary
 
@@ -112,7 +112,7 @@ def _fingerprint(config) -> dict:
     import dataclasses
 
     data = json.loads(json.dumps(dataclasses.asdict(config), default=str))
-    for key in ("out", "progress", "overwrite", "resume"):
+    for key in ("out", "progress", "overwrite", "resume", "fsdp"):  # fsdp: how it is sharded, not what it is
         data["run"].pop(key, None)
     return data
 
@@ -128,6 +128,7 @@ def _check_reused(summary: dict, config, out_dir: Path) -> None:
     saved = out_dir / SETTINGS
     if saved.exists():
         have, want = _flat(json.loads(saved.read_text())), _flat(_fingerprint(config))
+        have.pop("fsdp", None)  # written by bertopt before fsdp moved from PretrainConfig to RunConfig
         diff = sorted(k for k in set(have) | set(want) if not _same(have.get(k), want.get(k)))
     else:
         ran = summary.get("run", {})
@@ -216,23 +217,29 @@ def _diverged_summary(out_dir: Path) -> dict | None:
 
 
 def _train(spec: TaskSpec, config, out_dir: Path, name: str) -> float:
-    from bertopt.train import command, finetune, pretrain
+    from bertopt.train import command
+    from bertopt.train.job import NonFiniteLoss
 
-    build_job = {"pretrain": pretrain.build_job, "finetune": finetune.build_job}[spec.command]
     start = time.perf_counter()
     captured, errors = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(errors):
-        code = command.run(spec.command, config, build_job)
-    if code in (EXIT_SIGINT, EXIT_SIGTERM):  # the run saved a checkpoint and stopped: so does the study
-        raise KeyboardInterrupt if code == EXIT_SIGINT else Terminated
-    message = errors.getvalue().strip()
+    failure = None
+    try:
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(errors):
+            summary = command.train(spec.command, config)
+    except Exception as exc:  # noqa: BLE001 - every failure is recorded or reported below
+        failure = exc
     out_dir.mkdir(parents=True, exist_ok=True)  # a run that failed before its first file still gets our records
-    if code != 0 and ("non-finite" in message or "the training loss is" in message):
+    if failure is None:
+        if summary.get("stopped_by"):  # the run saved a checkpoint and stopped: so does the study
+            raise KeyboardInterrupt if summary["stopped_by"] == "SIGINT" else Terminated
+    elif isinstance(failure, NonFiniteLoss):  # diverged: a result, recorded with the run's error message
+        message = f"bertopt {spec.command}: error: {explain(failure)}"
         diverged = {"diverged": message[-1000:], "wall_time_s": time.perf_counter() - start,
                     **{m.key: float("nan") for m in spec.metrics}, "run": {"lr": config.optim.lr, "seed": config.run.seed}}
         (out_dir / DIVERGED).write_text(json.dumps(diverged, indent=1) + "\n")
-    elif code != 0:
-        raise StudyError(f"study run {name} failed (exit {code}): {message[-1500:] or captured.getvalue()[-1500:]}")
+    else:
+        message = f"bertopt {spec.command}: error: {explain(failure)}"
+        raise StudyError(f"study run {name} failed (exit {exit_code(failure)}): {message[-1500:]}") from failure
     (out_dir / SETTINGS).write_text(json.dumps(_fingerprint(config), indent=1) + "\n")
     return time.perf_counter() - start
 

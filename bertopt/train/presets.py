@@ -1,8 +1,7 @@
 """BERT model sizes by name, or from a ``BertConfig`` JSON file.
 
-The names and shapes from "tiny" to "base"/"large" are those of google-research/bert's released
-models (the miniatures are from Turc et al. 2019, "Well-Read Students Learn Better"); "nano" is
-smaller still, for tests.
+The presets are the sizes of ``bertopt.sizes`` (google-research/bert's released models from
+"tiny" to "base"/"large", and "nano", smaller still, for tests).
 """
 
 from __future__ import annotations
@@ -12,21 +11,19 @@ import os
 from pathlib import Path
 from typing import Any
 
-# layers, hidden size, attention heads; the feed-forward size is 4 * hidden, as in BERT
+from bertopt.sizes import BERT_SIZES, BertSize
+
+# layers, hidden size, attention heads of every size but the benchmark's "h32"; the
+# feed-forward size is 4 * hidden, as in BERT
 PRESETS: dict[str, dict[str, int]] = {
-    "nano": {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2},
-    "tiny": {"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 2},
-    "mini": {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 4},
-    "small": {"num_hidden_layers": 4, "hidden_size": 512, "num_attention_heads": 8},
-    "medium": {"num_hidden_layers": 8, "hidden_size": 512, "num_attention_heads": 8},
-    "base": {"num_hidden_layers": 12, "hidden_size": 768, "num_attention_heads": 12},
-    "large": {"num_hidden_layers": 24, "hidden_size": 1024, "num_attention_heads": 16},
+    name: {"num_hidden_layers": size.layers, "hidden_size": size.hidden, "num_attention_heads": size.heads}
+    for name, size in BERT_SIZES.items() if name != "h32"
 }
 
 # BERT's defaults for everything a preset does not set
 _COMMON = {
-    "max_position_embeddings": 512,
-    "type_vocab_size": 2,
+    "max_position_embeddings": BertSize.max_positions,
+    "type_vocab_size": BertSize.type_vocab,
     "hidden_act": "gelu",
     "hidden_dropout_prob": 0.1,
     "attention_probs_dropout_prob": 0.1,
@@ -38,8 +35,8 @@ def preset_config(name: str, vocab_size: int, **overrides: Any) -> dict[str, Any
     """The ``BertConfig`` keyword arguments of preset ``name`` for a vocabulary of ``vocab_size``."""
     if name not in PRESETS:
         raise ValueError(f"--preset must be one of {', '.join(PRESETS)}; got {name!r}")
-    shape = PRESETS[name]
-    return {**_COMMON, **shape, "intermediate_size": 4 * shape["hidden_size"], "vocab_size": vocab_size, **overrides}
+    return {**_COMMON, **PRESETS[name], "intermediate_size": BERT_SIZES[name].intermediate, "vocab_size": vocab_size,
+            **overrides}
 
 
 def config_from_file(path: str | os.PathLike, vocab_size: int, **overrides: Any) -> dict[str, Any]:

@@ -17,9 +17,9 @@ bertopt pretrain ...`` (DDP; ``--fsdp`` for FSDP2); ``--batch-size`` is the glob
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from bertopt import cache
 from bertopt.errors import UsageError
 from bertopt.train.config import PretrainConfig
 
@@ -34,10 +34,7 @@ RESUME_MUST_MATCH = ("model_config", "corpus_fingerprint", "vocab_size", "lowerc
 
 
 def default_cache_dir() -> Path:
-    if os.environ.get("BERTOPT_CACHE"):
-        return Path(os.environ["BERTOPT_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "bertopt" / "pretrain"
+    return cache.cache_dir("pretrain")
 
 
 # --- the objective ----------------------------------------------------------------------------
@@ -137,7 +134,7 @@ class MaskedLMTask:
         return model(input_ids, rows, cols, labels)
 
     def forward(self, model, batch):
-        from bertopt.train.loop import StepOutput
+        from bertopt.train.job import StepOutput
 
         loss_sum, correct = self.run_model(model, batch)
         return StepOutput(loss_sum, count=len(batch.labels), tokens=batch.input_ids.size,
@@ -173,7 +170,8 @@ def build_job(config: PretrainConfig, ctx, log):
     import torch
 
     from bertopt.train import data as data_mod
-    from bertopt.train.command import Job, ensure_writable_dir
+    from bertopt.train.checkpoint import ensure_writable_dir
+    from bertopt.train.job import Job
     from bertopt.train.presets import build_config, config_from_file
 
     published = None
@@ -251,14 +249,14 @@ def build_job(config: PretrainConfig, ctx, log):
         "from_model_sha256": published.content_sha256 if published else None,
         "head_initialised": head_initialised if published else None,
         "grad_accum_steps": config.run.grad_accum_steps, "precision": config.run.precision,
-        "fsdp": bool(config.fsdp and ctx.enabled), "processes": ctx.world_size,
+        "fsdp": bool(config.run.fsdp and ctx.enabled), "processes": ctx.world_size,
         "train_sequences": len(train_rows), "eval_sequences": len(eval_rows),
     }
     log(f"model: BERT {model_name}, {n_params / 1e6:.2f}M parameters, vocab {prepared.vocab_size}; "
         f"{len(train_rows):,} training / {len(eval_rows)} held-out sequences of {config.seq_len} tokens; "
         f"{config.steps} steps of {batch_size} sequences, {optim.optimizer} lr {optim.lr:g} "
         f"({optim.schedule_style} schedule, warmup {optim.warmup_proportion:g})"
-        + (f"; {ctx.world_size} processes ({'FSDP2' if config.fsdp else 'DDP'}, {ctx.backend})" if ctx.enabled else ""))
+        + (f"; {ctx.world_size} processes ({'FSDP2' if config.run.fsdp else 'DDP'}, {ctx.backend})" if ctx.enabled else ""))
 
     mlm_head = {}
     if published is not None:
@@ -288,16 +286,8 @@ def build_job(config: PretrainConfig, ctx, log):
 
     return Job(model=masked_lm_objective(mlm), task=task, total_steps=config.steps,
                title=f"pretrain BERT-{model_name}", run_info=run_info, resume_must_match=RESUME_MUST_MATCH,
-               export=export, shard_modules=mlm.bert.encoder.layer, eval_every=config.run.eval_every or 0,
+               export=export, shard_modules=mlm.bert.encoder.layer,
                summary={"data": prepared.stats, **mlm_head}, report=report)
-
-
-def main(config: PretrainConfig) -> dict:
-    """Pretrain as configured; returns the summary (also in <out>/summary.json; empty on ranks other
-    than 0). For in-process use: ``main(PretrainConfig(steps=100, optim=OptimConfig(lr=1e-3)))``."""
-    from bertopt.train.command import train
-
-    return train("pretrain", config, build_job)
 
 
 def save_model_dir(model_state: dict, config, save_tokenizer, directory: Path) -> Path:

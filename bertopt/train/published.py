@@ -2,14 +2,15 @@
 pretraining, as Hugging Face's ``run_mlm.py --model_name_or_path`` does) or a finished run.
 
 MODEL is a Hugging Face model directory of a BERT (``BertForMaskedLM``, ``BertForPreTraining`` or a
-bare ``BertModel`` such as the sentence-transformers all-MiniLM-L6-v2) or a ``bertopt pretrain``
-output directory (its ``model/``). The model, its size and its tokenizer come from it:
-:func:`read_model` checks what MODEL is before any data is read, :func:`load_masked_lm` builds the
-``BertForMaskedLM`` to train. A masked-LM head MODEL has is used as it is, so the held-out loss at
-step 0 is the published model's own; a missing head (a bare encoder) is initialised as BERT
-initialises one (transformers' ``_init_weights``: normal(0, initializer_range) for the dense layer,
-LayerNorm 1 and 0, bias 0) with the decoder tied to the word embeddings. A TensorFlow checkpoint
-(``*.index``) is not read here: ``bertopt import-tf`` turns it into a model directory first.
+bare ``BertModel`` such as the sentence-transformers all-MiniLM-L6-v2), or a ``bertopt pretrain``
+or ``bertopt import-tf`` run directory (its ``model/``). The model, its size and its tokenizer come
+from it: :func:`read_model` checks what MODEL is before any data is read, :func:`load_masked_lm`
+builds the ``BertForMaskedLM`` to train. A masked-LM head MODEL has is used as it is, so the
+held-out loss at step 0 is the published model's own; a missing head (a bare encoder) is
+initialised as BERT initialises one (transformers' ``_init_weights``: normal(0, initializer_range)
+for the dense layer, LayerNorm 1 and 0, bias 0) with the decoder tied to the word embeddings. A
+TensorFlow checkpoint (``*.index``) is not read here: ``bertopt import-tf`` turns it into a run
+directory first.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def model_directory(path: Path) -> Path:
                          "(and the weights and tokenizer files), or a `bertopt pretrain` --out directory")
     if (path / "config.json").is_file():
         return path
-    if (path / "model" / "config.json").is_file() and finished_summary(path) is not None:
+    # a finished run, or what `bertopt import-tf` wrote (model/ and no training summary)
+    if (path / "model" / "config.json").is_file() and (
+            finished_summary(path) is not None or not (path / "summary.json").exists()):
         return path / "model"
     if (path / "summary.json").is_file() or (path / "checkpoints").is_dir():
         raise UsageError(

@@ -110,6 +110,41 @@ def write_summary(path: str | os.PathLike, summary: dict[str, Any]) -> Path:
     return path
 
 
+_TRAIN_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "train_time_s")
+
+
+def run_summary(records: list[dict[str, Any]], *, title: str, steps_completed: int, total_steps: int,
+                stopped_by: str | None, resumed_from: int | None, last_eval: dict[str, float],
+                final_fields: dict[str, Any], train_time: float, first_step_s: float | None, processes: int,
+                checkpoint: Path | None, metrics: Path, run_info: dict[str, Any], plots: list[Path],
+                extra: dict[str, Any], model_dir: Path | None, wall_time_s: float) -> dict[str, Any]:
+    """The fields of ``summary.json``, from the run's metrics records and what the loop knows.
+    ``last_eval`` empty (e.g. a finished run resumed): the last evaluation found in ``records``."""
+    losses = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))]
+    at_start = next((r for r in records if r.get("step") == 0), {})
+    if not last_eval:
+        evaluated = [r for r in records if any(k not in _TRAIN_KEYS and k.startswith(("eval", "dev")) for k in r)]
+        if evaluated:
+            last_eval = {k: v for k, v in evaluated[-1].items() if k.startswith(("eval", "dev"))}
+    return {
+        "title": title, "steps_completed": steps_completed, "total_steps": total_steps,
+        "stopped_by": stopped_by, "resumed_from": resumed_from,
+        "first_logged_loss": losses[0] if losses else None, "last_logged_loss": losses[-1] if losses else None,
+        **{f"{k}_at_start": v for k, v in at_start.items() if k not in ("step", "lr")},
+        **last_eval, **final_fields,
+        "train_time_s": round(train_time, 2),
+        "first_step_s": round(first_step_s, 3) if first_step_s else None,
+        "wall_time_s_this_process": round(wall_time_s, 2),
+        "processes": processes,
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "metrics": str(metrics), "run": run_info,
+        "plots": [str(p) for p in plots],
+        **extra,
+        "model_dir": str(model_dir) if model_dir else None,
+        "wall_time_s": round(wall_time_s, 2),
+    }
+
+
 def _series(records: Iterable[dict], key: str) -> tuple[list[float], list[float]]:
     xs, ys = [], []
     for r in records:

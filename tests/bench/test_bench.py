@@ -16,6 +16,7 @@ import torch
 
 from bertopt import cli
 from bertopt.bench import harness, memory, results
+from bertopt.bench.fit import READ_WRITE, SINGLE_PASSES, read_write_fit
 from bertopt.bench.methods import BASELINE, FAST_PATH, LAMB_FAST_PATH, METHODS, PPB, select, unavailable_reason
 from bertopt.bench.shapes import SIZES, bert_parameter_shapes, decays, parameter_count
 
@@ -207,30 +208,18 @@ def test_bad_options_raise_clear_errors(argv, words, tmp_path, capsys):
     assert not (tmp_path / "bench.json").exists()
 
 
-def _benchmark_script(name):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_read_write_fit_recovers_the_costs_it_is_given():
-    step_parts = _benchmark_script("step_parts")
     count = 1000
     read, write = 2e-10, 3e-11  # seconds per byte
 
     def seconds(name, slower=1.0):
-        r, w = step_parts.READ_WRITE[name]
+        r, w = READ_WRITE[name]
         return (r * read + w * write) * count * slower
 
     # three rounds that agree: the intervals collapse onto the point
-    times = {name: [seconds(name)] * 3 for name in step_parts.READ_WRITE}
+    times = {name: [seconds(name)] * 3 for name in READ_WRITE}
     times["lamb-step"] = [seconds("lamb-step", slower=1.1)] * 3
-    fit = step_parts.read_write_fit(times, count, resamples=50)
+    fit = read_write_fit(times, count, resamples=50)
     assert fit["ns_per_read_byte"] == pytest.approx(read * 1e9) and fit["ns_per_write_byte"] == pytest.approx(write * 1e9)
     assert fit["x_fitted"]["update-pass"] == pytest.approx(1.0) and fit["x_fitted"]["lamb-step"] == pytest.approx(1.1)
     assert fit["lamb_over_bertadam"] == pytest.approx((32 * read + 12 * write) / (20 * read + 12 * write))
@@ -238,18 +227,29 @@ def test_read_write_fit_recovers_the_costs_it_is_given():
     assert fit["write_over_read_unconstrained_90"] == pytest.approx([write / read] * 2)
     assert not fit["write_cost_clamped_to_zero"]
     # times that would fit a negative write cost: the write cost is 0 and reads alone are fitted
-    times = {name: [r * read * count * (0.8 if w else 1.0)] * 3 for name, (r, w) in step_parts.READ_WRITE.items()}
-    fit = step_parts.read_write_fit(times, count, resamples=50)
-    reads = [step_parts.READ_WRITE[n][0] * count for n in step_parts.SINGLE_PASSES]
-    least_squares_read = sum(r * times[n][0] for r, n in zip(reads, step_parts.SINGLE_PASSES)) / sum(r * r for r in reads)
+    times = {name: [r * read * count * (0.8 if w else 1.0)] * 3 for name, (r, w) in READ_WRITE.items()}
+    fit = read_write_fit(times, count, resamples=50)
+    reads = [READ_WRITE[n][0] * count for n in SINGLE_PASSES]
+    least_squares_read = sum(r * times[n][0] for r, n in zip(reads, SINGLE_PASSES)) / sum(r * r for r in reads)
     assert fit["write_cost_clamped_to_zero"] and fit["write_over_read_unconstrained"] < 0
     assert fit["ns_per_write_byte"] == 0.0 and fit["ns_per_read_byte"] == pytest.approx(least_squares_read * 1e9)
     assert fit["lamb_over_bertadam"] == pytest.approx(32 / 20)
     # rounds that disagree give an interval around the point
-    times = {name: [seconds(name, slower=1 + 0.05 * k) for k in (0, 1, 2, 3)] for name in step_parts.READ_WRITE}
-    fit = step_parts.read_write_fit(times, count, resamples=200)
+    times = {name: [seconds(name, slower=1 + 0.05 * k) for k in (0, 1, 2, 3)] for name in READ_WRITE}
+    fit = read_write_fit(times, count, resamples=200)
     low, high = fit["lamb_over_bertadam_90"]
     assert low <= fit["lamb_over_bertadam"] <= high
+
+
+def test_scripts_warm_up_time_under_load_and_pair_by_round():
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in "ab"}
+    times, load = harness.timed_under_load(steps, 3, warmup=2)
+    assert calls[:4] == ["a", "a", "b", "b"] and len(calls) == 4 + 6  # warm-up untimed, then 3 rounds
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3} and "loadavg_before" in load
+    summary = harness.paired_to({"ref": [1.0, 2.0, 4.0], "x": [2.0, 2.0, 12.0]}, "ref", "vs_ref")
+    assert summary["x"] == {"median_ms": 2000.0, "vs_ref": 2.0}  # round ratios 2, 1, 3
+    assert summary["ref"]["vs_ref"] == 1.0
 
 
 def test_benchmark_scripts_share_options_and_report(tmp_path):

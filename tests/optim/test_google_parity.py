@@ -12,7 +12,6 @@ parameter names and initial values, the same loss differentiated by autograd, an
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -216,20 +215,14 @@ def test_parity_check_detects_a_wrong_optimizer(reference):
         Replay(reference).run(foreach=False, fused=False, exclude=())
 
 
-def _recording_module():
-    spec = importlib.util.spec_from_file_location(
-        "record_google_trajectory", REFERENCE_DIR / "record_google_trajectory.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_live_google_optimizer_matches_fixture_and_bertopt():
     """Where TensorFlow and bert-tensorflow are installed, rerun Google's optimizer now."""
     pytest.importorskip("tensorflow")
     pytest.importorskip("bert.optimization")
-    recorder = _recording_module()
+    # The recording script beside its fixture is also a module: pytest puts this test's
+    # folder (tests/optim, no __init__.py) on sys.path, as for tests/reliability's _faults.
+    from google_reference import record_google_trajectory as recorder
+
     live = json.loads(recorder.to_json_text(recorder.record()))
     fixture = load_fixture()
     for got, want in zip(live["steps"], fixture["steps"]):

@@ -286,6 +286,32 @@ def test_one_library_holds_every_kernel():
         assert hasattr(lib, name), name
 
 
+def test_the_u_over_g_variant_is_built_with_a_define_and_computes_the_same(tmp_path):
+    # benchmarks/lamb_grad_ab.py times lamb.c built with -DLAMB_U_OVER_G (u stored over the
+    # gradient in pass 1, read back in pass 2) against the shipped kernel: the same float32
+    # parameters and moments, and only the variant writes the gradient.
+    if build.library() is None:
+        pytest.skip(build.status())
+    from bertopt.optim._adam import AdamHyper
+
+    variant = build.variant_library(tmp_path, {"LAMB_U_OVER_G": 1})
+    h = AdamHyper(lr=0.05, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, bias_correction=True,
+                  decoupled=True)
+    results = {}
+    for name, lib in (("shipped", build.library()), ("variant", variant)):
+        p = make_params(shapes=SHAPES)
+        data, grads = [x.detach() for x in p], grad_sequence(SHAPES, 1)[0]
+        m, v = [torch.zeros_like(x) for x in data], [torch.zeros_like(x) for x in data]
+        kernels.lamb_step(lib, data, grads, m, v, ([0.1] * len(data), [0.001] * len(data)), h, 0.5, None,
+                          segment_numel=64)
+        results[name] = data, m, v, grads
+    for a, b in zip(results["shipped"][:3], results["variant"][:3]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    fresh = grad_sequence(SHAPES, 1)[0]
+    assert all(torch.equal(g, f) for g, f in zip(results["shipped"][3], fresh))
+    assert not all(torch.equal(g, f) for g, f in zip(results["variant"][3], fresh))
+
+
 def test_default_is_the_native_kernel_on_cpu_float32_and_it_leaves_grad_alone():
     if build.library() is None:
         pytest.skip(build.status())

@@ -109,6 +109,29 @@ def test_sum_of_squares_matches_float64(native_on):
 
 
 @needs_compiler
+def test_every_kernel_refuses_a_struct_of_another_version(native_on, monkeypatch):
+    # Each entry point, the norm's included, checks bertopt_hyper's version before touching
+    # memory: a mismatch is an error, not a wrong sum or a write through a misread struct.
+    lib = build.library()
+    p, g, m, v, _ = make_state(3, shapes=[(1000,), (7, 3)])
+    before = clone_all([p, g, m, v])
+    h = _adam.AdamHyper(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.01, bias_correction=False,
+                        decoupled=True)
+    monkeypatch.setattr(kernels, "ABI_VERSION", kernels.ABI_VERSION + 1)
+    calls = {
+        "sumsq": lambda: kernels.sum_of_squares(lib, g),
+        "adam": lambda: kernels.adam_step(lib, p, g, m, v, None, h, 0.5),
+        "lamb_moments": lambda: kernels.lamb_moments(lib, p, g, m, v, None, h, 0.5, apply_scales=None),
+        "lamb_apply": lambda: kernels.lamb_apply(lib, p, m, v, None, h, torch.ones(2)),
+        "lamb_step": lambda: kernels.lamb_step(lib, p, g, m, v, None, h, 0.5, None),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=f"kernel {name}: ABI version mismatch"):
+            call()
+    assert all(torch.equal(a, b) for xs, ys in zip(before, [p, g, m, v]) for a, b in zip(xs, ys))
+
+
+@needs_compiler
 @pytest.mark.parametrize("n", [1, 255, 256, 4 * 256 - 1, 4 * 256 * 5 + 3 * 256 + 100, (1 << 18) + 4097])
 def test_sum_of_squares_reads_every_element_once(native_on, n):
     # A span is read as four streams of blocks, then leftover blocks, then single elements

@@ -264,7 +264,9 @@ def test_resume_with_a_different_optimizer(data, finished, tmp_path, capsys):
 
 def test_resume_a_checkpoint_of_another_program(data, tmp_path, capsys):
     """A verified checkpoint written by some other use of the training loop: refused by its run info."""
-    from bertopt.train.loop import LoopConfig, StepOutput, run_training
+    from bertopt.train.config import RunConfig
+    from bertopt.train.job import Job, StepOutput
+    from bertopt.train.loop import run_training
 
     class Task:
         def batch(self, step):
@@ -276,9 +278,8 @@ def test_resume_a_checkpoint_of_another_program(data, tmp_path, capsys):
     model = torch.nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    run_training(model, optimizer, scheduler, Task(),
-                 LoopConfig(out_dir=tmp_path / "other", total_steps=2, progress=False, plots=False,
-                            run_info={"task": "other"}))
+    run_training(Job(model, Task(), 2, run_info={"task": "other"}, plots=False),
+                 RunConfig(out=tmp_path / "other", progress=False), optimizer, scheduler)
     code, _, err = _run(capsys, pretrain_argv(data["corpus"], data["cache"], tmp_path / "out", "--resume",
                                               str(tmp_path / "other" / "checkpoints")))
     assert code == 1

@@ -272,21 +272,19 @@ def test_sigterm_stops_the_study_and_the_same_command_finishes_it(tmp_path):
 
 
 def test_a_diverged_run_is_recorded_as_a_result_and_not_trained_again(tmp_path, monkeypatch):
-    import sys
-
     from bertopt.study import grid
     from bertopt.study.command import task_specs
     from bertopt.study.report import RunRecord, is_failed, verdict
     from bertopt.train import command
+    from bertopt.train.job import NonFiniteLoss, TrainingError
 
     calls = []
 
-    def diverging_run(name, config, build_job):
+    def diverging_run(name, config):
         calls.append(config.optim.lr)
-        print(f"bertopt {name}: error: the training loss is nan at step 3; this update was not applied", file=sys.stderr)
-        return 1
+        raise NonFiniteLoss("the training loss is nan at step 3; this update was not applied")
 
-    monkeypatch.setattr(command, "run", diverging_run)
+    monkeypatch.setattr(command, "train", diverging_run)
     spec = next(s for s in task_specs(quick=True) if s.key == "decay")
     first = grid.run_one(spec, BY_NAME["bert"], 0, 1e-3, tmp_path / "bert" / "seed0", log=lambda line: None)
     assert math.isnan(first.summary["eval_loss"]) and "nan at step 3" in first.summary["diverged"]
@@ -303,13 +301,13 @@ def test_a_diverged_run_is_recorded_as_a_result_and_not_trained_again(tmp_path, 
                     [], [], 0.0)
     assert is_failed(run)
 
-    # any other failure stops the study with what the run said (not as "a bug in bertopt")
-    def failing_run(name, config, build_job):
-        print(f"bertopt {name}: error: could not write the checkpoint", file=sys.stderr)
-        return 1
+    # any other failure stops the study with what the run said (not as "a bug in bertopt"), even one
+    # whose message mentions a non-finite value: the study decides by the error's class
+    def failing_run(name, config):
+        raise TrainingError("could not write the checkpoint (non-finite disk)")
 
-    monkeypatch.setattr(command, "run", failing_run)
-    with pytest.raises(grid.StudyError, match="could not write the checkpoint"):
+    monkeypatch.setattr(command, "train", failing_run)
+    with pytest.raises(grid.StudyError, match=r"could not write the checkpoint \(non-finite disk\)"):
         grid.run_one(spec, BY_NAME["bert"], 1, 1e-3, tmp_path / "bert" / "seed1", log=lambda line: None)
 
 

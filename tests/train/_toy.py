@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from bertopt.train.loop import StepOutput
+from bertopt.train.job import StepOutput
 from bertopt.train.sampler import EpochBatchSampler
 
 

@@ -13,7 +13,9 @@ import torch
 
 from _toy import ToyTask, make_model, make_optimizer
 from bertopt.train import checkpoint as ckpt
-from bertopt.train.loop import LoopConfig, TrainingError, run_training
+from bertopt.train.config import RunConfig
+from bertopt.train.job import Job, NonFiniteLoss, TrainingError
+from bertopt.train.loop import run_training
 from bertopt.train.sampler import EpochBatchSampler
 from bertopt.train.report import read_metrics
 
@@ -29,15 +31,21 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _run(out, *, seed=0, hook=None, resume=None, total=TOTAL, **overrides):
+def _job(model, task, total=TOTAL, **fields):
+    """A Job as a command would hand it to the loop, without export or evaluation at the start."""
+    return Job(model, task, total, **{"eval_at_start": False, "plots": False, **fields})
+
+
+def _run(out, *, seed=0, hook=None, resume=None, total=TOTAL, plots=False, **overrides):
     model = make_model(seed)
     optimizer, scheduler = make_optimizer(model, total)
     torch.manual_seed(1000 + seed)  # the RNG that dropout draws from (a resumed run restores it)
-    options = dict(out_dir=out, total_steps=total, log_every=3, eval_every=6, save_every=5, progress=False,
-                   resume=resume, run_info={"task": "toy", "batch_size": 8}, resume_must_match=("batch_size",),
-                   plots=False)
+    job = _job(model, ToyTask(hook=hook), total, run_info={"task": "toy", "batch_size": 8},
+               resume_must_match=("batch_size",), plots=plots)
+    options = dict(out=out, log_every=3, eval_every=6, save_every=5, progress=False,
+                   resume=None if resume is None else str(resume))
     options.update(overrides)
-    result = run_training(model, optimizer, scheduler, ToyTask(hook=hook), LoopConfig(**options))
+    result = run_training(job, RunConfig(**options), optimizer, scheduler)
     return result, model
 
 
@@ -111,9 +119,9 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_checkpoint(tmp_path):
     model = make_model()
     optimizer, scheduler = make_optimizer(model, TOTAL)
     task_ref = ToyTask(hook=hook)
-    with pytest.raises(TrainingError, match=r"loss is nan at step 12.*step-00000010.json"):
-        run_training(model, optimizer, scheduler, task_ref,
-                     LoopConfig(out_dir=tmp_path, total_steps=TOTAL, save_every=5, progress=False))
+    with pytest.raises(NonFiniteLoss, match=r"loss is nan at step 12.*step-00000010.json"):
+        run_training(_job(model, task_ref), RunConfig(out=tmp_path, save_every=5, eval_every=0, progress=False),
+                     optimizer, scheduler)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert ckpt.load_checkpoint(tmp_path / "checkpoints").info.step == 10
 
@@ -135,17 +143,16 @@ def test_resume_refuses_a_different_run(tmp_path):
     _run(tmp_path, total=6)
     model = make_model()
     optimizer, scheduler = make_optimizer(model, TOTAL)
-    config = LoopConfig(out_dir=tmp_path, total_steps=TOTAL, progress=False, resume="auto",
-                        run_info={"batch_size": 16}, resume_must_match=("batch_size",))
+    job = _job(model, ToyTask(), run_info={"batch_size": 16}, resume_must_match=("batch_size",))
     with pytest.raises(ckpt.CheckpointError, match="batch_size=8 but this run has batch_size=16"):
-        run_training(model, optimizer, scheduler, ToyTask(), config)
+        run_training(job, RunConfig(out=tmp_path, progress=False, resume="auto"), optimizer, scheduler)
 
 
 def test_config_validation(tmp_path):
     with pytest.raises(ValueError, match="total steps"):
-        LoopConfig(out_dir=tmp_path, total_steps=0).validate()
-    with pytest.raises(ValueError, match="save_every"):
-        LoopConfig(out_dir=tmp_path, total_steps=5, save_every=-1).validate()
+        Job(make_model(), ToyTask(), 0)
+    with pytest.raises(ValueError, match="--save-every"):
+        RunConfig(out=tmp_path, save_every=-1)
 
 
 def test_epoch_batch_sampler():
@@ -192,10 +199,10 @@ def test_fp16_run_keeps_the_scaler_state_in_checkpoints_and_resumes_exactly(tmp_
         optimizer = bertopt.BertAdam(model.parameters(), lr=0.01)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
         torch.manual_seed(1000)
-        config = LoopConfig(out_dir=out, total_steps=TOTAL, log_every=2, save_every=5, progress=False,
-                            plots=False, resume=resume, precision="fp16")
+        config = RunConfig(out=out, log_every=2, save_every=5, eval_every=0, progress=False, resume=resume,
+                           precision="fp16")
         amp = MixedPrecision("fp16", "cpu")  # for_device() refuses fp16 on a CPU; the mechanics are the same
-        run_training(model, optimizer, scheduler, ToyTask(hook=hook), config, amp=amp)
+        run_training(_job(model, ToyTask(hook=hook)), config, optimizer, scheduler, amp=amp)
         return amp
 
     amp = run(tmp_path / "straight")
@@ -220,7 +227,8 @@ def test_fp16_run_keeps_the_scaler_state_in_checkpoints_and_resumes_exactly(tmp_
 
 def test_fp16_gradient_overflow_skips_the_update(tmp_path, monkeypatch):
     import bertopt
-    from bertopt.train.loop import LoopState, Training, train_step
+    from bertopt.train.loop import Training, train_step
+    from bertopt.train.state import LoopState
     from bertopt.train.distributed import DistContext
     from bertopt.train.precision import MixedPrecision
 
@@ -229,8 +237,8 @@ def test_fp16_gradient_overflow_skips_the_update(tmp_path, monkeypatch):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     amp = MixedPrecision("fp16", "cpu")
     amp.scaler = torch.amp.GradScaler("cpu", init_scale=1.0)  # no overflow until we make one
-    run = Training(model, optimizer, scheduler, ToyTask(), LoopConfig(out_dir=tmp_path, total_steps=5), DistContext(),
-                   amp)
+    run = Training(model, optimizer, scheduler, _job(model, ToyTask(), 5), RunConfig(out=tmp_path), DistContext(),
+                   amp, eval_every=0)
     state = LoopState()
     train_step(run, state)
     assert state.overflow_steps == 0 and int(optimizer.state[model[0].weight]["step"]) == 1
@@ -273,3 +281,38 @@ def test_bf16_on_a_cpu_without_bf16_units_gets_a_note(monkeypatch):
     assert precision.precision_note("fp32", torch.device("cpu")) is None
     monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
     assert precision.precision_note("bf16", torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("optimizer_name", ["bert_adam", "sgd"])
+def test_logged_grad_norm_under_fp16_is_the_unscaled_norm(tmp_path, optimizer_name):
+    """fp16's GradScaler multiplies the loss (here by 1024); the logged norm is that of the true mean
+    gradient, whether the optimizer reports it (BertAdam, from its first step on) or the loop
+    computes it (SGD), and before clipping."""
+    import bertopt
+    from bertopt.optim.clip import global_grad_norm
+    from bertopt.train.distributed import DistContext
+    from bertopt.train.loop import Training, train_step
+    from bertopt.train.precision import MixedPrecision
+    from bertopt.train.state import LoopState
+
+    def optimizer_for(model):
+        if optimizer_name == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=0.01)
+        return bertopt.BertAdam(model.parameters(), lr=0.01, max_grad_norm=1e-3)  # clips: the norm is before
+
+    reference = make_model(0).eval()  # no dropout, so both see the same function
+    task = ToyTask()
+    x, y = task.batch(0)
+    ((reference(x) - y) ** 2).mean().backward()
+    expected = float(global_grad_norm([p.grad for p in reference.parameters()]))
+
+    model = make_model(0).eval()  # train_step leaves the mode alone: no dropout
+    optimizer = optimizer_for(model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    amp = MixedPrecision("fp16", "cpu")
+    amp.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    run = Training(model, optimizer, scheduler, _job(model, task, 5), RunConfig(out=tmp_path), DistContext(), amp,
+                   eval_every=0)
+    stats = train_step(run, LoopState())
+    assert amp.scaler.get_scale() == 1024.0  # no overflow: the step was applied
+    assert stats.grad_norm == pytest.approx(expected, rel=1e-2)  # fp16 forward: not bit-equal; scaled would be 1024x

@@ -232,3 +232,24 @@ def test_minilm_from_its_wheel_reads_as_a_bert_with_its_own_tokenizer():
     assert published.tokenizer.backend_tokenizer.truncation is not None  # what the corpus must not get
     ids = published.backend.encode("The cat sees the dog. " * 100, add_special_tokens=False).ids
     assert len(ids) == 600 and 0 not in ids
+
+
+def test_a_run_directory_that_import_tf_wrote_is_a_model(tmp_path):
+    """The way on from a Google TF checkpoint: `bertopt import-tf`, then --from its run directory."""
+    import random
+    from pathlib import Path
+
+    from bertopt.interop.google import import_tf_checkpoint
+
+    google = Path(__file__).resolve().parents[1] / "interop" / "google_model"
+    import_tf_checkpoint(google / "model.ckpt-5", google / "bert_config.json", google / "vocab.txt", tmp_path / "run")
+    rng = random.Random(0)  # text in that checkpoint's vocabulary (w00 ... w94)
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(" ".join(f"w{rng.randrange(95):02d}" for _ in range(40)) for _ in range(120)))
+    out = tmp_path / "out"
+    assert cli(["pretrain", "--from", str(tmp_path / "run"), "--corpus", str(text), "--cache-dir",
+                str(tmp_path / "cache"), "--seq-len", "32", "--batch-size", "8", "--steps", "2", "--eval-every", "0",
+                "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["run"]["from_model"] == str(tmp_path / "run" / "model") and summary["mlm_head"].endswith("'s own")
+    assert summary["data"]["tokens"] == 120 * 41  # every word a token of the vocabulary, a [SEP] after each document

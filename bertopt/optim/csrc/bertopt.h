@@ -1,4 +1,4 @@
-/* bertopt's native CPU kernels: what pool.c, adam.c and lamb.c share.
+/* bertopt's native CPU kernels: what pool.c, norm.c, adam.c and lamb.c share.
 
    Built into one library (one thread pool) on first use by bertopt/optim/native/build.py
    and called through ctypes by bertopt/optim/native/kernels.py. The hyperparameters of a
@@ -14,7 +14,7 @@
 #include <stdatomic.h>
 #include <stdint.h>
 
-#define BERTOPT_ABI_VERSION 3
+#define BERTOPT_ABI_VERSION 4
 
 /* Return codes of the kernels: nothing was written unless BERTOPT_OK. */
 #define BERTOPT_OK 0
@@ -24,7 +24,7 @@
 typedef struct {
     int32_t version;         /* BERTOPT_ABI_VERSION */
     int32_t n_threads;       /* threads to use, the caller included */
-    int64_t chunk;           /* elements per work item */
+    int64_t chunk;           /* elements per work item; the norm (norm.c) reads only these three fields */
     float lr;
     float beta1, beta2, one_minus_beta1, one_minus_beta2;  /* 1 - beta rounded as torch does */
     float eps, weight_decay;

@@ -25,6 +25,17 @@
 
 #include "bertopt.h"
 
+/* -DLAMB_U_OVER_G builds the kernel as it was before .grad was only read: pass 1 stores u
+   over the gradient and pass 2 reads it back instead of recomputing it (same float32
+   results). Never shipped; benchmarks/lamb_grad_ab.py times it against the shipped one. */
+#ifdef LAMB_U_OVER_G
+#define LAMB_GRAD float  /* pass 1 writes u here */
+#define LAMB_KEEP_U(g, i, u) ((g)[i] = (u))
+#else
+#define LAMB_GRAD const float
+#define LAMB_KEEP_U(g, i, u) ((void)0)
+#endif
+
 typedef struct {
     float *const *p; float *const *g; float *const *m; float *const *v;
     const float *bc1; const float *bc2;  /* per tensor 1 - beta^t, or NULL: no bias correction */
@@ -43,7 +54,7 @@ static inline float lamb_update(float mi, float vi, float pi, float bc1, float b
 
 /* Pass 1 on one span. Squares are summed in float over blocks of at most 1024 elements
    (16 lanes: the loop vectorizes) and the blocks in double. */
-static inline void lamb_moments_span(float *restrict p, const float *restrict g, float *restrict m,
+static inline void lamb_moments_span(float *restrict p, LAMB_GRAD *restrict g, float *restrict m,
                                      float *restrict v, int64_t n, const bertopt_hyper *h,
                                      float bc1, float bc2, float apply_scale, double *p_sq, double *u_sq,
                                      const int has_clip, const int bias_corr, const int has_wd, const int apply) {
@@ -58,6 +69,7 @@ static inline void lamb_moments_span(float *restrict p, const float *restrict g,
         bertopt_moments(gi, &m[i], &v[i], h);                                              \
         const float u = lamb_update(m[i], v[i], pi, bc1, bc2, eps, wd, bias_corr, has_wd); \
         if (apply) p[i] = pi - u * apply_scale;                                            \
+        else LAMB_KEEP_U(g, i, u);                                                         \
         pa[LANE] += pi * pi;                                                               \
         ua[LANE] += u * u;                                                                 \
     }
@@ -80,7 +92,7 @@ static void lamb_moments_item(const bertopt_job *job, const bertopt_item *it, in
     const bertopt_hyper *h = a->h;
     const int64_t t = it->tensor, s = it->start, n = it->len;
     float *p = a->p[t] + s, *m = a->m[t] + s, *v = a->v[t] + s;
-    const float *g = a->g[t] + s;
+    LAMB_GRAD *g = a->g[t] + s;
     const int apply = a->scale != NULL;
     const int bc = a->bc1 != NULL;
     const float bc1 = bc ? a->bc1[t] : 1.0f, bc2 = bc ? a->bc2[t] : 1.0f;
@@ -108,9 +120,16 @@ static inline void lamb_apply_span(float *restrict p, const float *restrict m, c
                                    int64_t n, const bertopt_hyper *h, float bc1, float bc2, float sc,
                                    const int bias_corr, const int has_wd) {
     const float eps = h->eps, wd = h->weight_decay;
+#ifdef LAMB_U_OVER_G
+    (void)v; (void)bc1; (void)bc2; (void)eps; (void)wd; (void)bias_corr; (void)has_wd;
+#endif
     for (int64_t i = n - 1; i >= 0; i--) {
         const float pi = p[i];
+#ifdef LAMB_U_OVER_G
+        p[i] = pi - m[i] * sc;  /* m is pass 1's u here (lamb_apply_item) */
+#else
         p[i] = pi - lamb_update(m[i], v[i], pi, bc1, bc2, eps, wd, bias_corr, has_wd) * sc;
+#endif
     }
 }
 
@@ -119,7 +138,11 @@ static void lamb_apply_item(const bertopt_job *job, const bertopt_item *it, int6
     const lamb_args *a = (const lamb_args *)job->args;
     const int64_t t = it->tensor, s = it->start, n = it->len;
     float *p = a->p[t] + s;
+#ifdef LAMB_U_OVER_G
+    const float *m = a->g[t] + s, *v = a->v[t] + s;
+#else
     const float *m = a->m[t] + s, *v = a->v[t] + s;
+#endif
     const int bc = a->bc1 != NULL, wd = a->h->weight_decay != 0.0f;
     const float bc1 = bc ? a->bc1[t] : 1.0f, bc2 = bc ? a->bc2[t] : 1.0f, sc = a->scale[t];
     if (bc) { if (wd) lamb_apply_span(p, m, v, n, a->h, bc1, bc2, sc, 1, 1); else lamb_apply_span(p, m, v, n, a->h, bc1, bc2, sc, 1, 0); }

@@ -7,7 +7,7 @@
    the same with any vector width), and the blocks' sums are added in double. Each float
    lane adds NORM_BLOCK / 8 = 32 non-negative squares: its relative rounding error is at
    most 32 * 2^-24 (2e-6); measured against a float64 norm on 23M elements it is far
-   smaller (tests/test_norm_accuracy.py).
+   smaller (tests/optim/test_norm_accuracy.py).
 
    A core reading one stream does not reach memory bandwidth: the prefetcher keeps too few
    lines in flight (one thread summed 7 GB/s here while an in-place add moved 14 GB/s).
@@ -74,20 +74,24 @@ static void sumsq_item(const bertopt_job *job, const bertopt_item *it, int64_t k
     a->partial[k] = sumsq_span(a->x[it->tensor] + it->start, it->len);
 }
 
-/* Sum of x*x over all tensors; -1.0 if memory ran out. */
-double bertopt_sumsq_f32(float *const *x, const int64_t *numels, int64_t n_tensors, int n_threads, int64_t chunk) {
+/* Sum of x*x over all tensors into *out (h: only version, n_threads and chunk are read).
+   BERTOPT_OK, or an error with *out not written. */
+int bertopt_sumsq_f32(float *const *x, const int64_t *numels, int64_t n_tensors, double *out,
+                      const bertopt_hyper *h) {
+    if (h->version != BERTOPT_ABI_VERSION) return BERTOPT_EVERSION;
     int64_t n_items = 0;
-    bertopt_item *items = bertopt_make_items(numels, n_tensors, chunk, &n_items);
-    if (!items) return -1.0;
+    bertopt_item *items = bertopt_make_items(numels, n_tensors, h->chunk, &n_items);
+    if (!items) return BERTOPT_ENOMEM;
     double *partial = calloc((size_t)(n_items > 0 ? n_items : 1), sizeof(double));
-    if (!partial) { free(items); return -1.0; }
+    if (!partial) { free(items); return BERTOPT_ENOMEM; }
     sumsq_args a = {x, partial};
     bertopt_job job = {.items = items, .n_items = n_items, .total = bertopt_total_elements(numels, n_tensors),
                        .work = sumsq_item, .args = &a};
-    bertopt_run_job(&job, n_threads);
+    bertopt_run_job(&job, h->n_threads);
     double s = 0.0;
     for (int64_t k = 0; k < n_items; k++) s += partial[k];  /* fixed order: deterministic */
     free(partial);
     free(items);
-    return s;
+    *out = s;
+    return BERTOPT_OK;
 }

@@ -3,7 +3,7 @@
 The C sources (``bertopt/optim/csrc``: ``bertopt.h``, ``pool.c``, ``norm.c``, ``adam.c``,
 ``lamb.c``) ship as package data and are compiled together into **one** shared library
 (one thread pool) with the system compiler, the first time a kernel is needed (about a
-second), into a per-user cache keyed by a hash of the sources, compiler, flags and CPU.
+second), into the per-user cache (``bertopt.cache``, its ``native/`` folder) keyed by a hash of the sources, compiler, flags and CPU.
 ``-march=native`` is tried first (this CPU's vector width), plain flags if the compiler
 refuses; the file is installed atomically, so concurrent processes never load a partial
 library. No Python or torch headers, nothing to build at install time.
@@ -30,6 +30,8 @@ import threading
 import warnings
 from pathlib import Path
 
+from bertopt.cache import cache_dir
+
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 HEADERS = ("bertopt.h",)
 SOURCES = ("pool.c", "norm.c", "adam.c", "lamb.c")
@@ -39,14 +41,6 @@ BASE_FLAGS = ["-O3", "-std=c11", "-fPIC", "-shared", "-pthread", "-fno-math-errn
 LIBRARY_NAME = "bertopt_kernels"
 
 _enabled = True
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("BERTOPT_CACHE_DIR")
-    if root:
-        return Path(root)
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "bertopt"
 
 
 def _cpu_signature() -> str:
@@ -117,7 +111,7 @@ def build_cached(cc: str) -> tuple[ctypes.CDLL | None, str]:
     for march in (["-march=native"], []):
         flags = BASE_FLAGS + march
         key = hashlib.sha256("\0".join([source, cc, version, *flags, _cpu_signature()]).encode()).hexdigest()[:16]
-        path = _cache_dir() / f"{LIBRARY_NAME}_{key}.so"
+        path = cache_dir("native") / f"{LIBRARY_NAME}_{key}.so"
         for attempt in range(2):  # a cached file that does not fit is rebuilt once
             try:
                 if not path.exists():
@@ -140,6 +134,28 @@ def build_cached(cc: str) -> tuple[ctypes.CDLL | None, str]:
                           stacklevel=2)
             return None, f"ABI mismatch: {mismatch}"
     return None, " | ".join(errors)
+
+
+def variant_library(directory: Path, defines: dict[str, object]) -> ctypes.CDLL:
+    """The kernels compiled with extra ``-D`` macros (``{"NORM_STREAMS": 8}``), into ``directory``
+    (not cached), checked and declared like the shipped library. Benchmarks time such variants
+    against it; the sources say which macros they read. Raises RuntimeError if it cannot build."""
+    from bertopt.optim.native.kernels import declare
+
+    cc = find_compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc/clang)")
+    macros = [f"-D{name}={value}" for name, value in defines.items()]
+    out = Path(directory) / f"{LIBRARY_NAME}_{'_'.join(f'{k}{v}' for k, v in defines.items())}.so"
+    err = compile_library(cc, out, [*BASE_FLAGS, "-march=native", *macros])
+    if err is not None:
+        raise RuntimeError(f"compiling the kernels with {' '.join(macros)} failed: {err}")
+    lib = ctypes.CDLL(str(out))
+    mismatch = abi_mismatch(lib)
+    if mismatch is not None:
+        raise RuntimeError(mismatch)
+    declare(lib)
+    return lib
 
 
 def _build_and_load() -> tuple[ctypes.CDLL | None, str]:

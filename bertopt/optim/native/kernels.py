@@ -24,7 +24,7 @@ from collections import Counter
 import torch
 from torch import Tensor
 
-ABI_VERSION = 3  # csrc/bertopt.h BERTOPT_ABI_VERSION
+ABI_VERSION = 4  # csrc/bertopt.h BERTOPT_ABI_VERSION
 _OK, _ENOMEM, _EVERSION = 0, -1, -2
 
 # Elements per work item: 256K floats = 1 MiB per array, large enough that the per-item
@@ -82,8 +82,8 @@ def declare(lib: ctypes.CDLL) -> None:
     ptr, i64, c_int, hyper_p = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.POINTER(Hyper)
     lib.bertopt_abi_version.restype = i64
     lib.bertopt_hyper_size.restype = i64
-    lib.bertopt_sumsq_f32.restype = ctypes.c_double
-    lib.bertopt_sumsq_f32.argtypes = [ptr, ptr, i64, c_int, i64]
+    lib.bertopt_sumsq_f32.restype = c_int
+    lib.bertopt_sumsq_f32.argtypes = [ptr, ptr, i64, ctypes.POINTER(ctypes.c_double), hyper_p]
     lib.bertopt_adam_f32.restype = c_int
     lib.bertopt_adam_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, hyper_p]
     lib.bertopt_lamb_moments_f32.restype = c_int
@@ -175,14 +175,15 @@ def _written(*tensor_lists: list[Tensor]) -> None:
 
 
 def sum_of_squares(lib: ctypes.CDLL, tensors: list[Tensor]) -> float:
-    """Sum of squares of float32 CPU tensors (``eligible``): float32 within blocks of 1024
+    """Sum of squares of float32 CPU tensors (``eligible``): float32 within blocks of 256
     elements, double across them (csrc/norm.c)."""
+    total = ctypes.c_double()
+    job = Hyper(version=ABI_VERSION, n_threads=torch.get_num_threads(), chunk=CHUNK)  # all the norm reads
     calls["sumsq"] += 1
-    s = lib.bertopt_sumsq_f32(_pointers(tensors), _int64s([t.numel() for t in tensors]), len(tensors),
-                              torch.get_num_threads(), CHUNK)
-    if s == -1.0:
-        raise MemoryError("bertopt native kernel sumsq: out of memory for its work list")
-    return s
+    err = lib.bertopt_sumsq_f32(_pointers(tensors), _int64s([t.numel() for t in tensors]), len(tensors),
+                                ctypes.byref(total), ctypes.byref(job))
+    _check(err, "sumsq")
+    return total.value
 
 
 def adam_step(lib, params, grads, exp_avgs, exp_avg_sqs, bias_corrections, h, clip_coef: float | None) -> None:
