@@ -51,8 +51,10 @@ TRAINING_HELP = {
 
 
 def _adder(group, section: str, defaults, *, show_default: bool = True):
-    """``add(flag, field=None, help=None, **argparse_kwargs)`` for fields of ``defaults`` (a config)."""
-    def add(flag: str, field: str | None = None, help: str | None = None, **kwargs) -> None:
+    """``add(flag, field=None, help=None, aliases=(), **argparse_kwargs)`` for fields of ``defaults`` (a
+    config); ``aliases`` are other names of the flag (an old name kept working)."""
+    def add(flag: str, field: str | None = None, help: str | None = None, aliases: tuple[str, ...] = (),
+            **kwargs) -> None:
         field = field or flag.lstrip("-").replace("-", "_")
         help = help_text(type(defaults), field) if help is None else help
         takes_value = kwargs.get("action") not in ("store_true", "store_false", argparse.BooleanOptionalAction)
@@ -62,7 +64,7 @@ def _adder(group, section: str, defaults, *, show_default: bool = True):
                 help += f" (default: {value:g})" if isinstance(value, float) else f" (default: {value})"
         if takes_value and "choices" not in kwargs:
             kwargs.setdefault("metavar", flag.lstrip("-").replace("-", "_").upper())
-        group.add_argument(flag, dest=f"{section}.{field}", default=argparse.SUPPRESS, help=help, **kwargs)
+        group.add_argument(flag, *aliases, dest=f"{section}.{field}", default=argparse.SUPPRESS, help=help, **kwargs)
     return add
 
 
@@ -119,7 +121,7 @@ def _pretrain_flags(parser: argparse.ArgumentParser) -> None:
         "--preset", help=f"{help_text(PretrainConfig, 'preset')} (default: {defaults.model_name})")
     _adder(which, "task", defaults)("--config", field="config_file", type=Path, metavar="JSON")
     add = _adder(group, "task", defaults)
-    add("--init-from", type=Path, metavar="RUN_DIR")
+    add("--from", field="from_model", type=Path, metavar="MODEL", aliases=("--init-from",))  # its old name
     add("--dropout", type=float)
     group = parser.add_argument_group("data")
     add = _adder(group, "task", defaults)

@@ -67,11 +67,11 @@ def measure(*, steps: int = 60, warmup_steps: int = 30, total_steps: int = 300, 
     from bertopt.recipe import create_optimizer
     from bertopt.train import data as data_mod
     from bertopt.train.distributed import DistContext
-    from bertopt.train.config import PretrainConfig
+    from bertopt.train.config import DEFAULT_VOCAB_SIZE
     from bertopt.train.pretrain import MaskedLMTask, default_cache_dir, masked_lm_objective
     from bertopt.train.presets import build_config
 
-    prepared = data_mod.prepare_data(data_mod.wiki_corpus(), default_cache_dir(), vocab_size=PretrainConfig.vocab_size,
+    prepared = data_mod.prepare_data(data_mod.wiki_corpus(), default_cache_dir(), vocab_size=DEFAULT_VOCAB_SIZE,
                                      seq_len=seq_len, log=lambda message: None)
     task = MaskedLMTask(prepared.train, prepared.eval[:8], vocab_size=prepared.vocab_size, batch_size=batch_size,
                         mask_prob=0.15, seed=seed, ctx=DistContext())

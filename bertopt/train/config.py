@@ -36,6 +36,8 @@ OBJECTIVES = ("mlm+nsp", "mlm")  # with --data: Google's masked-LM + next-senten
 DATA_ORDERS = ("shuffled", "sequential")  # with --data: epoch-shuffled by --seed, or the shards' own order
 DEFAULT_SEQ_LEN = 64
 
+DEFAULT_VOCAB_SIZE = 4096  # of the WordPiece tokenizer a scratch run trains
+
 __all__ = ["OptimConfig", "RunConfig", "PretrainConfig", "FinetuneConfig", "OPTIMIZERS", "SCHEDULE_STYLES",
            "WEIGHT_DECAY_MODES", "NONFINITE_POLICIES", "PRECISIONS", "DEVICES", "OBJECTIVES", "DATA_ORDERS"]
 
@@ -185,15 +187,20 @@ class PretrainConfig:
     config_file: Path | None = _doc(None, "a BertConfig JSON file instead of a preset (vocab_size is taken from "
                                           "the tokenizer)")
     dropout: float | None = _doc(None, "hidden and attention dropout (default: the preset's or config's, 0.1 in BERT)")
-    init_from: Path | None = _doc(None, "start from the weights of a finished pretraining run, with a fresh "
-                                        "optimizer and schedule (BERT's phase 2, e.g. at a longer --seq-len)")
+    # the CLI's --init-from RUN_DIR is this flag's old name
+    from_model: Path | None = _doc(None, "continue pretraining MODEL: a Hugging Face BERT directory (BertForMaskedLM, "
+                                         "BertForPreTraining or BertModel), a finished `bertopt pretrain` --out "
+                                         "directory (BERT's phase 2, e.g. at a longer --seq-len) or an `import-tf` "
+                                         "run directory. Model, size and tokenizer come from it; fresh optimizer and "
+                                         "schedule. --init-from is its old name")
     # data
     corpus: tuple[Path, ...] | None = _doc(None, "text files or folders of .txt files (default: the Wikipedia "
                                                  "sample in the gensim wheel)")
     line_per_document: bool = _doc(False, "each line of --corpus is a document (default: blocks separated by "
                                           "blank lines)")
-    vocab_size: int = _doc(4096, "WordPiece vocabulary size to train")
-    lowercase: bool = _doc(True, "keep case (default: lowercase, like BERT-uncased)")  # the flag is --cased
+    # None: DEFAULT_VOCAB_SIZE and True (BERT-uncased) for a scratch run; with from_model, the model's
+    vocab_size: int | None = _doc(None, "WordPiece vocabulary size to train")
+    lowercase: bool | None = _doc(None, "keep case (default: lowercase, like BERT-uncased)")  # the flag is --cased
     seq_len: int | None = _doc(None, f"tokens per sequence (default: {DEFAULT_SEQ_LEN}; with --data, the shards' "
                                      "length, which it must equal)")
     mask_prob: float = _doc(0.15, "fraction of tokens to predict")
@@ -222,8 +229,21 @@ class PretrainConfig:
         _need(self.steps >= 1, "--steps", ">= 1", self.steps)
         self._check_data_flags()
         self.seq_len = DEFAULT_SEQ_LEN if self.seq_len is None and self.data is None else self.seq_len
-        _need(self.seq_len is None or 8 <= self.seq_len <= 512, "--seq-len", "between 8 and 512 (BERT's position embeddings)", self.seq_len)
-        _need(105 <= self.vocab_size <= 1_000_000, "--vocab-size", "between 105 and 1000000", self.vocab_size)
+        _need(self.seq_len is None or 8 <= self.seq_len <= 512, "--seq-len", "between 8 and 512 (BERT's position "
+              "embeddings)", self.seq_len)
+        if self.from_model is not None:
+            given = [flag for flag, value in (("--preset", self.preset), ("--config", self.config_file),
+                                              ("--vocab-size", self.vocab_size), ("--cased", self.lowercase))
+                     if value is not None]
+            if given:
+                raise ValueError(
+                    f"--from {self.from_model} takes the model, its size and its tokenizer (vocabulary, casing) from "
+                    f"that model; leave out {', '.join(given)} (a published model's vocabulary cannot change "
+                    "without losing what it learned; for another size or tokenizer, pretrain from scratch)")
+        else:
+            self.vocab_size = DEFAULT_VOCAB_SIZE if self.vocab_size is None else self.vocab_size
+            self.lowercase = True if self.lowercase is None else self.lowercase
+            _need(105 <= self.vocab_size <= 1_000_000, "--vocab-size", "between 105 and 1000000", self.vocab_size)
         _need(self.dropout is None or 0 <= self.dropout < 1, "--dropout", "in [0, 1)", self.dropout)
         _need(0 < self.mask_prob < 1, "--mask-prob", "in (0, 1)", self.mask_prob)
         _need(self.eval_sequences >= 1, "--eval-sequences", ">= 1", self.eval_sequences)
@@ -233,7 +253,7 @@ class PretrainConfig:
             _one_of(self.preset, "--preset", tuple(PRESETS))
         if self.corpus is not None:
             self.corpus = tuple(Path(p) for p in self.corpus)
-        for name in ("config_file", "init_from", "cache_dir", "vocab_file"):
+        for name in ("config_file", "from_model", "cache_dir", "vocab_file"):
             if getattr(self, name) is not None:
                 setattr(self, name, Path(getattr(self, name)))
         self.optim.check_steps(self.steps)
@@ -268,6 +288,8 @@ class PretrainConfig:
 
     @property
     def model_name(self) -> str:
+        if self.from_model is not None:
+            return f"from {self.from_model}"
         return self.config_file.name if self.config_file else (self.preset or "tiny")
 
 

@@ -5,6 +5,11 @@ The pipeline, each stage cached on disk under ``<cache>/<corpus key>/``::
     documents (iterator of str)  --train-->  tokenizer.json          (key: corpus + vocab + casing)
     documents  --encode, stream-->  train-L128.npy / eval-L128.npy   (uint16/int32 rows of seq_len)
 
+With a given tokenizer (a published model's, ``bertopt pretrain --from``) nothing is trained: the
+key is the corpus and the tokenizer's content (:func:`tokenizer_fingerprint`: its whole
+serialisation, vocabulary and normalizer settings included, and its special token ids), and a copy
+of it is kept as ``tokenizer.json`` beside the ids it made.
+
 A row is ``[CLS] t1 ... t_{L-2} [SEP]`` cut from the stream of all documents' tokens, with a
 ``[SEP]`` between documents, so every row is full (no padding, no attention mask needed).
 Documents are assigned to the held-out split by a hash of their text (about 1 in 20), so the
@@ -49,6 +54,22 @@ HELD_OUT_ONE_IN = 20
 
 class CorpusError(ValueError):
     """The corpus cannot be used (missing, empty, unreadable); the message says what to do."""
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    """The ids of a tokenizer's special tokens: a trained tokenizer's (the first five ids) by default,
+    a published one's as its tokenizer says (BERT's own vocabulary: [PAD] 0, [UNK] 100, [CLS] 101,
+    [SEP] 102, [MASK] 103)."""
+
+    pad: int = PAD_ID
+    unk: int = UNK_ID
+    cls: int = CLS_ID
+    sep: int = SEP_ID
+    mask: int = MASK_ID
+
+    def all(self) -> tuple[int, ...]:
+        return (self.pad, self.unk, self.cls, self.sep, self.mask)
 
 
 # --- the default corpus: Wikipedia sample from the gensim wheel -------------------------------
@@ -282,6 +303,14 @@ def save_hf_tokenizer(tokenizer_file: str | os.PathLike, directory: str | os.Pat
     fast.save_pretrained(str(directory))
 
 
+def tokenizer_fingerprint(tokenizer, special_ids: SpecialIds) -> str:
+    """A hash of what decides a ``tokenizers.Tokenizer``'s ids: its full serialisation (vocabulary,
+    normalizer and pre-tokenizer settings, model options) and the special ids packing uses."""
+    digest = hashlib.sha256(tokenizer.to_str().encode())
+    digest.update(repr(special_ids.all()).encode())
+    return digest.hexdigest()
+
+
 # --- packing ------------------------------------------------------------------------------------
 
 
@@ -289,7 +318,8 @@ def _id_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
 
 
-def _stream_ids(tokenizer, documents: Iterable[str], train_file, eval_file, dtype, chunk_docs: int = 512) -> tuple[int, int, int]:
+def _stream_ids(tokenizer, documents: Iterable[str], train_file, eval_file, dtype, sep_id: int,
+                chunk_docs: int = 512) -> tuple[int, int, int]:
     """Write the token ids of train / held-out documents (each followed by [SEP]) to two flat
     binary files. Returns (documents, held-out documents, tokens)."""
     n_docs = n_eval = n_tokens = 0
@@ -299,7 +329,7 @@ def _stream_ids(tokenizer, documents: Iterable[str], train_file, eval_file, dtyp
         nonlocal n_tokens
         encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
         for doc, enc in zip(batch, encodings):
-            ids = np.asarray(enc.ids + [SEP_ID], dtype=dtype)
+            ids = np.asarray(enc.ids + [sep_id], dtype=dtype)
             (eval_file if is_held_out(doc) else train_file).write(ids.tobytes())
             n_tokens += len(ids)
         batch.clear()
@@ -315,7 +345,7 @@ def _stream_ids(tokenizer, documents: Iterable[str], train_file, eval_file, dtyp
     return n_docs, n_eval, n_tokens
 
 
-def _pack(flat_path: Path, out_path: Path, seq_len: int, dtype) -> int:
+def _pack(flat_path: Path, out_path: Path, seq_len: int, dtype, specials: SpecialIds) -> int:
     """Rows ``[CLS] chunk [SEP]`` from a flat id file, written as a .npy (atomically)."""
     flat = np.memmap(flat_path, dtype=dtype, mode="r") if flat_path.stat().st_size else np.zeros(0, dtype)
     body = seq_len - 2
@@ -326,9 +356,9 @@ def _pack(flat_path: Path, out_path: Path, seq_len: int, dtype) -> int:
         step = max(1, (1 << 22) // seq_len)  # ~4M ids per chunk
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            packed[start:stop, 0] = CLS_ID
+            packed[start:stop, 0] = specials.cls
             packed[start:stop, 1:-1] = np.asarray(flat[start * body:stop * body]).reshape(-1, body)
-            packed[start:stop, -1] = SEP_ID
+            packed[start:stop, -1] = specials.sep
         packed.flush()
         del packed, flat
         os.replace(tmp, out_path)
@@ -347,6 +377,7 @@ class PretrainingData:
     train: np.ndarray  # (rows, seq_len) memory map
     eval: np.ndarray
     stats: dict
+    special_ids: SpecialIds = SpecialIds()
 
     def load_tokenizer(self):
         from tokenizers import Tokenizer
@@ -354,31 +385,47 @@ class PretrainingData:
         return Tokenizer.from_file(str(self.tokenizer_file))
 
 
-def prepare_data(corpus: Corpus, cache_dir: str | os.PathLike, *, vocab_size: int, seq_len: int,
-                 lowercase: bool = True, log: Callable[[str], None] = print, _rebuilt: bool = False) -> PretrainingData:
-    """Tokenizer and packed sequences for ``corpus``, built once and then read from the cache."""
+def prepare_data(corpus: Corpus, cache_dir: str | os.PathLike, *, seq_len: int, vocab_size: int | None = None,
+                 lowercase: bool | None = True, tokenizer=None, special_ids: SpecialIds | None = None,
+                 log: Callable[[str], None] = print, _rebuilt: bool = False) -> PretrainingData:
+    """Tokenizer and packed sequences for ``corpus``, built once and then read from the cache.
+
+    The tokenizer is trained (``vocab_size``, ``lowercase``) unless one is given: ``tokenizer``, a
+    ``tokenizers.Tokenizer``, with its ``special_ids`` (``lowercase`` is then only recorded)."""
     import time
 
     from tokenizers import Tokenizer
 
     if not 8 <= seq_len <= 4096:
         raise ValueError(f"--seq-len must be between 8 and 4096, got {seq_len}")
-    key = hashlib.sha256(f"{corpus.fingerprint}|{vocab_size}|{int(lowercase)}|{DATA_FORMAT}".encode()).hexdigest()[:16]
+    if tokenizer is None:
+        specials = SpecialIds()
+        key_text = f"{corpus.fingerprint}|{vocab_size}|{int(lowercase)}|{DATA_FORMAT}"
+    else:
+        if special_ids is None:
+            raise ValueError("prepare_data: a given tokenizer needs its special_ids")
+        specials = special_ids
+        key_text = f"{corpus.fingerprint}|given:{tokenizer_fingerprint(tokenizer, specials)}|{DATA_FORMAT}"
+    key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
     directory = Path(cache_dir) / key
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer_file = directory / "tokenizer.json"
     meta_file = directory / f"meta-L{seq_len}.json"
     train_file, eval_file = directory / f"train-L{seq_len}.npy", directory / f"eval-L{seq_len}.npy"
 
-    tokenizer = None
-    if tokenizer_file.exists():
+    given = tokenizer is not None
+    if given and not tokenizer_file.exists():  # the record of which tokenizer made these ids
+        tmp = directory / f".tokenizer.json.tmp-{os.getpid()}"
+        tokenizer.save(str(tmp))
+        os.replace(tmp, tokenizer_file)
+    if not given and tokenizer_file.exists():
         try:
             tokenizer = Tokenizer.from_file(str(tokenizer_file))
         except Exception as exc:  # damaged outside bertopt (it writes atomically): build it again
             log(f"note: the cached tokenizer {tokenizer_file} cannot be read ({exc}); training it again")
             for stale in (tokenizer_file, *directory.glob("meta-L*.json")):
                 stale.unlink(missing_ok=True)
-    if tokenizer is None:
+    if tokenizer is None:  # train one (a trained tokenizer's key has no tokenizer content in it)
         start = time.perf_counter()
         tokenizer = train_tokenizer(corpus.open(), vocab_size, lowercase=lowercase)
         if tokenizer.get_vocab_size() <= len(SPECIAL_TOKENS):
@@ -396,11 +443,11 @@ def prepare_data(corpus: Corpus, cache_dir: str | os.PathLike, *, vocab_size: in
         flat_train, flat_eval = directory / f".train-ids.tmp-{os.getpid()}", directory / f".eval-ids.tmp-{os.getpid()}"
         try:
             with open(flat_train, "wb") as ft, open(flat_eval, "wb") as fe:
-                n_docs, n_eval_docs, n_tokens = _stream_ids(tokenizer, corpus.open(), ft, fe, dtype)
+                n_docs, n_eval_docs, n_tokens = _stream_ids(tokenizer, corpus.open(), ft, fe, dtype, specials.sep)
             if n_docs == 0:
                 raise CorpusError(f"corpus {corpus.name} contains no documents (all files empty?)")
-            train_rows = _pack(flat_train, train_file, seq_len, dtype)
-            eval_rows = _pack(flat_eval, eval_file, seq_len, dtype)
+            train_rows = _pack(flat_train, train_file, seq_len, dtype, specials)
+            eval_rows = _pack(flat_eval, eval_file, seq_len, dtype, specials)
         finally:
             flat_train.unlink(missing_ok=True)
             flat_eval.unlink(missing_ok=True)
@@ -425,10 +472,10 @@ def prepare_data(corpus: Corpus, cache_dir: str | os.PathLike, *, vocab_size: in
         log(f"note: the cached sequences in {directory} cannot be read ({exc}); building them again")
         for stale in (meta_file, train_file, eval_file):
             stale.unlink(missing_ok=True)
-        return prepare_data(corpus, cache_dir, vocab_size=vocab_size, seq_len=seq_len, lowercase=lowercase, log=log,
-                            _rebuilt=True)
+        return prepare_data(corpus, cache_dir, vocab_size=vocab_size, seq_len=seq_len, lowercase=lowercase,
+                            tokenizer=tokenizer if given else None, special_ids=special_ids, log=log, _rebuilt=True)
     return PretrainingData(directory=directory, tokenizer_file=tokenizer_file, vocab_size=actual_vocab,
-                           seq_len=seq_len, train=train, eval=held_out, stats=stats)
+                           seq_len=seq_len, train=train, eval=held_out, stats=stats, special_ids=specials)
 
 
 # --- masking ------------------------------------------------------------------------------------
@@ -447,11 +494,13 @@ def word_start_table(tokenizer) -> np.ndarray:
     word and False for a WordPiece continuation piece (``##ing``). Special tokens count as word
     starts (:func:`mask_tokens` never selects them anyway).
 
-    ``tokenizer`` is a ``tokenizers.Tokenizer`` (or anything with ``get_vocab()``: token -> id, such
-    as a transformers fast tokenizer); the continuation prefix is the WordPiece model's
-    (``continuing_subword_prefix``), ``##`` otherwise."""
+    ``tokenizer`` is a ``tokenizers.Tokenizer`` or a transformers fast tokenizer (such as a published
+    BERT's ``BertTokenizerFast``), or anything with ``get_vocab()``: token -> id; the continuation
+    prefix is the WordPiece model's (``continuing_subword_prefix``), ``##`` otherwise."""
     vocab = tokenizer.get_vocab()
-    prefix = getattr(getattr(tokenizer, "model", None), "continuing_subword_prefix", None) or "##"
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)  # what a transformers fast tokenizer wraps
+    prefix = getattr(getattr(backend, "model", None), "continuing_subword_prefix", None)
+    prefix = prefix if isinstance(prefix, str) and prefix else "##"
     size = max(vocab.values(), default=-1) + 1
     if hasattr(tokenizer, "get_vocab_size"):
         size = max(size, tokenizer.get_vocab_size())
@@ -461,10 +510,11 @@ def word_start_table(tokenizer) -> np.ndarray:
 
 
 def mask_tokens(ids: np.ndarray, rng: np.random.Generator, *, vocab_size: int, mask_prob: float = 0.15,
-                special_ids: tuple[int, ...] = (PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID),
+                special_ids: tuple[int, ...] = SpecialIds().all(), mask_id: int = MASK_ID,
                 word_start: np.ndarray | None = None) -> MaskedBatch:
     """BERT's masking: per row, round(mask_prob * candidates) positions (at least 1) chosen among
-    the non-special tokens; 80% replaced by [MASK], 10% by a random non-special token, 10% kept.
+    the non-special tokens; 80% replaced by [MASK] (``mask_id``), 10% by a random token above the
+    special ids, 10% kept.
 
     ``word_start`` (from :func:`word_start_table`: a boolean array indexed by token id, True where a
     token begins a word) turns on whole-word masking, as ``create_pretraining_data.py`` does with
@@ -495,9 +545,9 @@ def mask_tokens(ids: np.ndarray, rng: np.random.Generator, *, vocab_size: int, m
 
     action = rng.random(ids.shape)
     inputs = ids.copy()
-    inputs[selected & (action < 0.8)] = MASK_ID
+    inputs[selected & (action < 0.8)] = mask_id
     randomize = selected & (action >= 0.8) & (action < 0.9)
-    first_regular = max(special_ids) + 1  # special tokens occupy the first ids
+    first_regular = max(special_ids) + 1  # a trained tokenizer's specials are its first ids; BERT's end at 103
     inputs[randomize] = rng.integers(first_regular, vocab_size, size=int(randomize.sum()))
     rows, cols = np.nonzero(selected)
     return MaskedBatch(input_ids=inputs, rows=rows, cols=cols, labels=ids[rows, cols])

@@ -5,7 +5,10 @@ in the gensim wheel: a WordPiece tokenizer is trained on the corpus (cached), th
 into sequences (cached), 15% of tokens are masked as in BERT, and BertAdam with Google's
 warmup/decay schedule trains for a few minutes on two CPU cores. Outputs in ``--out``:
 metrics.jsonl, summary.json, loss.png, lr.png, checkpoints/ and model/ (a Hugging Face model
-directory with the tokenizer, which ``bertopt finetune --model`` and ``--init-from`` accept).
+directory with the tokenizer, which ``bertopt finetune --model`` and ``--from`` accept).
+
+``--from MODEL`` continues pretraining a published BERT or a finished run instead (model, size and
+tokenizer from MODEL, nothing trained before the first step; :mod:`bertopt.train.published`).
 
 This module supplies the task, the model and its export (:func:`build_job`); the command skeleton
 (:mod:`bertopt.train.command`) does the rest. Multi-process: ``torchrun --nproc_per_node=N -m
@@ -27,7 +30,7 @@ HELP = "pretrain a BERT masked language model (default: a small BERT on a Wikipe
 RESUME_MUST_MATCH = ("model_config", "corpus_fingerprint", "vocab_size", "lowercase", "seq_len", "steps",
                      "optimizer", "lr", "batch_size", "warmup_proportion", "warmup_steps", "schedule_style",
                      "weight_decay", "weight_decay_mode", "bias_correction", "max_grad_norm", "seed", "mask_prob",
-                     "whole_word_masking", "init_from")
+                     "whole_word_masking", "from_model", "from_model_sha256")
 
 
 def default_cache_dir() -> Path:
@@ -77,9 +80,11 @@ class MaskedLMTask:
     accumulation, micro-batches of it). So the masks, and hence the losses, do not depend on the
     number of processes or micro-batches, and resuming replays them."""
 
-    def __init__(self, train, eval_rows, *, vocab_size, batch_size, mask_prob, seed, ctx, word_start=None):
+    def __init__(self, train, eval_rows, *, vocab_size, batch_size, mask_prob, seed, ctx, word_start=None,
+                 special_ids=None):
         import numpy as np
 
+        from bertopt.train import data as data_mod
         from bertopt.train.data import mask_tokens
         from bertopt.train.sampler import EpochBatchSampler
 
@@ -89,6 +94,7 @@ class MaskedLMTask:
         self.seed = seed
         self.ctx = ctx
         self.word_start = word_start  # whole-word masking: token id -> begins a word
+        self.special_ids = special_ids or data_mod.SpecialIds()  # a published tokenizer's are not the first ids
         self.sampler = EpochBatchSampler(len(train), batch_size, seed=seed)  # global order
         self.share = batch_size // ctx.world_size
         eval_masked = mask_tokens(np.asarray(eval_rows), np.random.default_rng([seed, 2**31 - 1]),
@@ -97,7 +103,8 @@ class MaskedLMTask:
         self.eval_batches = [_rows(eval_masked, lo, min(n, lo + 64)) for lo in range(0, n, 64)]
 
     def _mask_options(self) -> dict:
-        options = {"vocab_size": self.vocab_size, "mask_prob": self.mask_prob}
+        options = {"vocab_size": self.vocab_size, "mask_prob": self.mask_prob,
+                   "special_ids": self.special_ids.all(), "mask_id": self.special_ids.mask}
         if self.word_start is not None:
             options["word_start"] = self.word_start
         return options
@@ -158,37 +165,6 @@ def _rows(masked, lo: int, hi: int):
 # --- the job --------------------------------------------------------------------------------
 
 
-def finished_run_model(run_dir: Path) -> Path:
-    """The model directory of a finished ``bertopt pretrain`` run, or UsageError saying what is off."""
-    from bertopt.train.report import finished_summary
-
-    model_dir = run_dir / "model"
-    if finished_summary(run_dir) is None or not (model_dir / "config.json").is_file():
-        raise UsageError(
-            f"--init-from {run_dir}: not a finished `bertopt pretrain` run (expected summary.json with all steps "
-            "completed and model/config.json). Give the --out directory of a pretraining run that finished, or "
-            "finish it first with --resume")
-    return model_dir
-
-
-def _init_from(config: PretrainConfig, tokenizer_vocab: dict[str, int]):
-    """BertForMaskedLM with the weights of a finished run (NVIDIA's phase 2: new optimizer and
-    schedule), after checking that its vocabulary is this run's, token for token."""
-    from transformers import AutoTokenizer, BertForMaskedLM
-
-    model_dir = finished_run_model(config.init_from)
-    theirs = AutoTokenizer.from_pretrained(model_dir, local_files_only=True).get_vocab()
-    if theirs != tokenizer_vocab:
-        differ = sorted(set(theirs.items()) ^ set(tokenizer_vocab.items()))[:3]
-        raise UsageError(
-            f"--init-from {config.init_from}: that run's tokenizer differs from this run's ({len(theirs)} vs "
-            f"{len(tokenizer_vocab)} tokens; e.g. {differ}). Phase 2 must use the same corpus, --vocab-size and "
-            "--cased setting as the run it starts from")
-    overrides = {} if config.dropout is None else {"hidden_dropout_prob": config.dropout,
-                                                   "attention_probs_dropout_prob": config.dropout}
-    return BertForMaskedLM.from_pretrained(model_dir, local_files_only=True, **overrides)
-
-
 def build_job(config: PretrainConfig, ctx, log):
     """The data (rank 0 builds the cache, the others read it), the model, the task and the export."""
     import torch
@@ -202,10 +178,11 @@ def build_job(config: PretrainConfig, ctx, log):
         from bertopt.train.shard_pretrain import build_shard_job
 
         return build_shard_job(config, ctx, log)
-    if config.init_from is not None:
-        if config.preset is not None or config.config_file is not None:
-            raise UsageError("--init-from takes the model from that run; leave out --preset and --config")
-        finished_run_model(config.init_from)  # before the data preparation
+    published = None
+    if config.from_model is not None:  # its checks before the data preparation
+        from bertopt.train.published import read_model
+
+        published = read_model(config.from_model, seq_len=config.seq_len)
     elif config.config_file is not None:
         config_from_file(config.config_file, vocab_size=config.vocab_size)  # its errors before the data
     cache_dir = config.cache_dir or default_cache_dir()
@@ -216,8 +193,11 @@ def build_job(config: PretrainConfig, ctx, log):
     prepared = None
     for building in (True, False):  # rank 0 first, then the others from its cache
         if ctx.is_main == building:
-            prepared = data_mod.prepare_data(corpus, cache_dir, vocab_size=config.vocab_size, seq_len=config.seq_len,
-                                             lowercase=config.lowercase, log=log if building else (lambda m: None))
+            tokenizer_source = {"vocab_size": config.vocab_size, "lowercase": config.lowercase} if published is None \
+                else {"tokenizer": published.backend, "special_ids": published.special_ids,
+                      "lowercase": published.lowercase}
+            prepared = data_mod.prepare_data(corpus, cache_dir, seq_len=config.seq_len,
+                                             log=log if building else (lambda m: None), **tokenizer_source)
         ctx.barrier()
     train_rows, eval_rows = prepared.train, prepared.eval
     if len(eval_rows) == 0:  # too few documents to hold one out: hold out the end of the stream
@@ -232,10 +212,13 @@ def build_job(config: PretrainConfig, ctx, log):
             f"batch (--batch-size {batch_size}); use a bigger corpus, a smaller --batch-size or --seq-len")
     eval_rows = eval_rows[:config.eval_sequences]
 
-    torch.manual_seed(config.run.seed)
+    torch.manual_seed(config.run.seed)  # a new model's (or a missing head's) initialisation
     tokenizer = prepared.load_tokenizer()
-    if config.init_from is not None:
-        mlm = _init_from(config, tokenizer.get_vocab())
+    head_initialised: list[str] = []
+    if published is not None:
+        from bertopt.train.published import load_masked_lm
+
+        mlm, head_initialised = load_masked_lm(published, dropout=config.dropout)
         bert_config = mlm.config
     else:
         from transformers import BertForMaskedLM
@@ -251,9 +234,10 @@ def build_job(config: PretrainConfig, ctx, log):
     n_params = sum(p.numel() for p in mlm.parameters())
     word_start = data_mod.word_start_table(tokenizer) if config.whole_word_masking else None
     task = MaskedLMTask(train_rows, eval_rows, vocab_size=prepared.vocab_size, batch_size=batch_size,
-                        mask_prob=config.mask_prob, seed=config.run.seed, ctx=ctx, word_start=word_start)
+                        mask_prob=config.mask_prob, seed=config.run.seed, ctx=ctx, word_start=word_start,
+                        special_ids=prepared.special_ids)
     torch.manual_seed(config.run.seed + 1 + ctx.rank)  # dropout stream, distinct per process
-    model_name = f"from {config.init_from}" if config.init_from else config.model_name
+    model_name = config.model_name
     model_config = bert_config.to_diff_dict() | {"vocab_size": bert_config.vocab_size}
     model_config.pop("transformers_version", None)
     model_config.pop("_name_or_path", None)
@@ -262,10 +246,12 @@ def build_job(config: PretrainConfig, ctx, log):
         "command": "pretrain", "model": model_name, "parameters": n_params, "model_config": model_config,
         "corpus": corpus.name, "corpus_fingerprint": corpus.fingerprint,
         "tokenizer": str(prepared.tokenizer_file), "vocab_size": prepared.vocab_size,
-        "lowercase": config.lowercase, "seq_len": config.seq_len, "steps": config.steps,
+        "lowercase": prepared.stats.get("lowercase"), "seq_len": config.seq_len, "steps": config.steps,
         **optim.settings(), "batch_size": batch_size, "seed": config.run.seed, "mask_prob": config.mask_prob,
         "whole_word_masking": config.whole_word_masking,
-        "init_from": str(config.init_from) if config.init_from else None,
+        "from_model": str(published.directory) if published else None,
+        "from_model_sha256": published.content_sha256 if published else None,
+        "head_initialised": head_initialised if published else None,
         "grad_accum_steps": config.run.grad_accum_steps, "precision": config.run.precision,
         "fsdp": bool(config.run.fsdp and ctx.enabled), "processes": ctx.world_size,
         "train_sequences": len(train_rows), "eval_sequences": len(eval_rows),
@@ -276,26 +262,43 @@ def build_job(config: PretrainConfig, ctx, log):
         f"({optim.schedule_style} schedule, warmup {optim.warmup_proportion:g})"
         + (f"; {ctx.world_size} processes ({'FSDP2' if config.run.fsdp else 'DDP'}, {ctx.backend})" if ctx.enabled else ""))
 
+    mlm_head = {}
+    if published is not None:
+        whole = len(head_initialised) == sum(1 for name, _ in mlm.cls.named_parameters() if "decoder" not in name)
+        lacks = "no masked-LM head (a bare BertModel)" if whole else "part of its masked-LM head missing"
+        mlm_head["mlm_head"] = (f"initialised as BERT does ({published.given} has {lacks})" if head_initialised
+                                else f"{published.given}'s own")
+        if head_initialised:
+            log(f"note: {published.given} has {lacks}; initialised it as BERT does (normal(0, "
+                f"{bert_config.initializer_range:g}) dense, LayerNorm 1/0, bias 0; decoder tied to the word "
+                f"embeddings): {', '.join(head_initialised)}")
+
+    def save_tokenizer(directory: Path) -> None:
+        if published is not None:  # the published files as they are: the vocabulary does not change
+            published.save_tokenizer(directory)
+        else:
+            data_mod.save_hf_tokenizer(prepared.tokenizer_file, directory, lowercase=config.lowercase)
+
     def export(model_state: dict, directory: Path) -> None:
-        save_model_dir(model_state, bert_config, prepared.tokenizer_file, directory, lowercase=config.lowercase)
+        save_model_dir(model_state, bert_config, save_tokenizer, directory)
 
     def report(summary: dict, out: Path) -> None:
         _print_report(summary, out, log)
         if summary.get("model_dir"):
-            print_fill_mask_examples(Path(summary["model_dir"]), eval_rows, tokenizer, log)
+            print_fill_mask_examples(Path(summary["model_dir"]), eval_rows, tokenizer, log,
+                                     mask_id=prepared.special_ids.mask)
 
     return Job(model=masked_lm_objective(mlm), task=task, total_steps=config.steps,
                title=f"pretrain BERT-{model_name}", run_info=run_info, resume_must_match=RESUME_MUST_MATCH,
                export=export, shard_modules=mlm.bert.encoder.layer,
-               summary={"data": prepared.stats}, report=report)
+               summary={"data": prepared.stats, **mlm_head}, report=report)
 
 
-def save_model_dir(model_state: dict, config, tokenizer_file: Path, directory: Path, *, lowercase: bool) -> Path:
-    """A Hugging Face model directory (BertForMaskedLM + tokenizer) written into ``directory``."""
+def save_model_dir(model_state: dict, config, save_tokenizer, directory: Path) -> Path:
+    """A Hugging Face model directory (BertForMaskedLM + tokenizer, ``save_tokenizer(directory)``)
+    written into ``directory``."""
     from transformers import BertForMaskedLM
     from transformers.utils import logging as hf_logging
-
-    from bertopt.train.data import save_hf_tokenizer
 
     hf_logging.disable_progress_bar()
     model = BertForMaskedLM(config)
@@ -304,17 +307,16 @@ def save_model_dir(model_state: dict, config, tokenizer_file: Path, directory: P
     if missing or unexpected:
         raise RuntimeError(f"model state does not match BertForMaskedLM: missing {missing}, unexpected {unexpected}")
     model.save_pretrained(directory)
-    save_hf_tokenizer(tokenizer_file, directory, lowercase=lowercase)
+    save_tokenizer(directory)
     return directory
 
 
-def print_fill_mask_examples(model_dir: Path, eval_rows, tokenizer, log, *, count: int = 5, seed: int = 0) -> None:
+def print_fill_mask_examples(model_dir: Path, eval_rows, tokenizer, log, *, mask_id: int, count: int = 5,
+                             seed: int = 0) -> None:
     """A few held-out sentences with one word masked: the true word and the trained model's top 3."""
     import numpy as np
     import torch
     from transformers import BertForMaskedLM
-
-    from bertopt.train.data import MASK_ID
 
     model = BertForMaskedLM.from_pretrained(model_dir, local_files_only=True).eval()
     rng = np.random.default_rng(seed)
@@ -330,7 +332,7 @@ def print_fill_mask_examples(model_dir: Path, eval_rows, tokenizer, log, *, coun
             continue
         j = int(rng.choice(choices))
         masked = ids.copy()
-        masked[j] = MASK_ID
+        masked[j] = mask_id
         with torch.no_grad():
             logits = model(input_ids=torch.from_numpy(masked)[None]).logits[0, j]
         top = [tokenizer.id_to_token(int(i)) for i in logits.topk(3).indices]

@@ -5,7 +5,8 @@ masks they hold, and Google's loss (:mod:`bertopt.train.google_objective`): ``--
 (the masked-LM term alone, Google's weighted form; the pooler and next-sentence head are frozen).
 
 The model is a ``BertForPreTraining`` (``--preset``/``--config`` with ``--vocab-file``, the
-vocabulary the shards were made with) run through :class:`MlmNspObjective` (the last layer only at
+vocabulary the shards were made with; or ``--from MODEL``, with MODEL's tokenizer, whose ids
+the shards must fit) run through :class:`MlmNspObjective` (the last layer only at
 the masked positions and [CLS]). A run directory written by ``bertopt import-tf`` is continued
 with ``--out RUN_DIR --resume``: its checkpoint is Google's run at ``global_step`` (weights, Adam
 moments, schedule), and the model's config and tokenizer are ``RUN_DIR/model``'s.
@@ -36,7 +37,7 @@ from bertopt.train.google_objective import BatchTotals, MASKED_LM_EPSILON, batch
 RESUME_MUST_MATCH = ("model_config", "data_fingerprint", "eval_data_fingerprint", "objective", "data_order",
                      "vocab_size", "seq_len", "steps", "optimizer", "lr", "batch_size", "warmup_proportion",
                      "warmup_steps", "schedule_style", "weight_decay", "weight_decay_mode", "bias_correction",
-                     "max_grad_norm", "seed", "imported_from")
+                     "max_grad_norm", "seed", "imported_from", "from_model_sha256")
 # what `bertopt import-tf` records of Google's run, checked when its checkpoint is continued
 IMPORTED_MUST_MATCH = ("imported_from", "objective", "steps", "lr", "batch_size", "warmup_steps", "optimizer",
                        "schedule_style", "weight_decay", "max_grad_norm")
@@ -243,6 +244,19 @@ def _tokenizer_from_vocab(vocab_file: Path, max_length: int):
                              do_lower_case=guess_do_lower_case(tokens), model_max_length=max_length)
 
 
+def _same_vocabulary(vocab_file: Path, tokenizer, model) -> None:
+    """UsageError unless ``vocab_file`` lists the model tokenizer's tokens, id for id."""
+    from bertopt.interop.google import _read_vocab
+
+    theirs = _read_vocab(vocab_file)
+    ours = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    if theirs != ours:
+        first = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+        raise UsageError(f"--vocab-file {vocab_file} ({len(theirs)} tokens) is not the vocabulary of --from {model} "
+                         f"({len(ours)} tokens; they differ from id {first} on). The shards must be made with the "
+                         "model's own vocab.txt: make them again with it, or leave out --vocab-file")
+
+
 def build_shard_job(config: PretrainConfig, ctx, log):
     """The Job of ``pretrain --data``: shards, BertForPreTraining + MlmNspObjective, task, export."""
     import torch
@@ -255,11 +269,25 @@ def build_shard_job(config: PretrainConfig, ctx, log):
     imported = imported_run_info(config)
     dropout = {} if config.dropout is None else {"hidden_dropout_prob": config.dropout,
                                                  "attention_probs_dropout_prob": config.dropout}
-    if imported is not None:  # a Google run that `bertopt import-tf` wrote into --out
+    published = None
+    if config.from_model is not None and imported is None:  # a published BERT or a finished run
+        from bertopt.train.published import read_model
+
+        published = read_model(config.from_model, seq_len=config.seq_len or 0)  # the shards' length: below
+        tokenizer = published.tokenizer
+        bert_config = published.config
+        for key, value in dropout.items():
+            setattr(bert_config, key, value)
+        vocab_source = f"--from {config.from_model}'s tokenizer"
+        vocab_txt = published.directory / "vocab.txt"
+        if config.vocab_file is not None:
+            _same_vocabulary(config.vocab_file, tokenizer, config.from_model)
+    elif imported is not None:  # a Google run that `bertopt import-tf` wrote into --out
         model_dir = config.run.out / "model"
-        if config.preset is not None or config.config_file is not None or config.vocab_file is not None:
+        if any(value is not None for value in (config.preset, config.config_file, config.vocab_file,
+                                               config.from_model)):
             raise UsageError(f"--resume continues the Google run imported into {config.run.out}: the model and its "
-                             "vocabulary are its model/; leave out --preset, --config and --vocab-file")
+                             "vocabulary are its model/; leave out --preset, --config, --vocab-file and --from")
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         bert_config = BertConfig.from_pretrained(model_dir, local_files_only=True, **dropout)
         vocab_source = f"{model_dir}'s vocabulary"
@@ -294,7 +322,17 @@ def build_shard_job(config: PretrainConfig, ctx, log):
                          f"{batch_size}); use a smaller --batch-size or more shards")
 
     torch.manual_seed(config.run.seed)  # the initialisation (replaced by the checkpoint when resuming)
-    model = BertForPreTraining(bert_config)
+    if published is not None:
+        model, loading = BertForPreTraining.from_pretrained(published.directory, config=bert_config,
+                                                            local_files_only=True, output_loading_info=True)
+        fresh = sorted(set(loading["missing_keys"]) - {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"})
+        if any(not key.startswith(("cls.", "bert.pooler.")) for key in fresh):
+            raise UsageError(f"--from {config.from_model}: the weights lack encoder tensors ({fresh[0]}, ...): give a "
+                             "complete BERT model directory")
+        if fresh:
+            log(f"note: {published.given} has no {', '.join(fresh)}; initialised as BERT initialises them")
+    else:
+        model = BertForPreTraining(bert_config)
     if objective == "mlm":  # Google's pooler and next-sentence head get no gradient: not trained
         for module in (model.bert.pooler, model.cls.seq_relationship):
             module.requires_grad_(False)
@@ -307,6 +345,8 @@ def build_shard_job(config: PretrainConfig, ctx, log):
         model_config.pop(key, None)
     optim = config.optim
     model_name = f"imported into {config.run.out}" if imported else config.model_name
+    source = {"from_model": str(published.directory), "from_model_sha256": published.content_sha256} \
+        if published is not None else {}
     run_info = {
         "command": "pretrain", "model": model_name, "parameters": sum(p.numel() for p in model.parameters()),
         "model_config": model_config, "data": list(train.files), "data_fingerprint": shard_fingerprint(train.files),
@@ -315,6 +355,7 @@ def build_shard_job(config: PretrainConfig, ctx, log):
         "seq_len": seq_len, "max_predictions": train.max_predictions, "steps": config.steps, **optim.settings(),
         "batch_size": batch_size, "seed": config.run.seed,
         "imported_from": imported["imported_from"] if imported else None, "imported_step": start_step or None,
+        "from_model": None, "from_model_sha256": None, **source,
         "grad_accum_steps": config.run.grad_accum_steps, "precision": config.run.precision,
         "fsdp": bool(config.run.fsdp and ctx.enabled), "processes": ctx.world_size,
         "train_sequences": len(train), "eval_sequences": len(eval_features["input_ids"]),
@@ -340,6 +381,9 @@ def build_shard_job(config: PretrainConfig, ctx, log):
             raise RuntimeError(f"model state does not match BertForPreTraining: missing {missing}, unexpected "
                                f"{unexpected}")
         exported.save_pretrained(directory)
+        if published is not None:  # the published files as they are: the vocabulary does not change
+            published.save_tokenizer(directory)
+            return
         tokenizer.save_pretrained(directory)
         if vocab_txt.is_file():  # Google's code and older readers need vocab.txt; transformers 5 omits it
             shutil.copy2(vocab_txt, Path(directory) / "vocab.txt")

@@ -120,6 +120,25 @@ def test_resume_mid_run_continues_the_uninterrupted_curve(data, reference, tmp_p
     assert_same_curve(read_metrics(out / "metrics.jsonl"), reference)
 
 
+def test_from_a_model_continues_on_the_shards(data, reference, tmp_path, capsys):
+    """--from a finished run (its BertForPreTraining and tokenizer): the held-out loss before the
+    first step is that run's last; a --vocab-file other than the model's vocabulary is refused."""
+    args = argv(data, tmp_path / "from", "--steps", "2")
+    at = args.index("--config")
+    args[at:at + 2] = ["--from", str(data["base"] / "reference")]
+    assert cli(args) == 0
+    records = read_metrics(tmp_path / "from" / "metrics.jsonl")
+    assert records[0]["eval_loss"] == pytest.approx(reference[-1]["eval_loss"], rel=1e-6)
+    assert (tmp_path / "from" / "model" / "vocab.txt").read_text() == data["vocab"].read_text()
+    other = tmp_path / "other-vocab.txt"
+    lines = data["vocab"].read_text().splitlines()
+    other.write_text("\n".join(lines[:5] + lines[6:] + lines[5:6]) + "\n")
+    args[args.index("--vocab-file") + 1] = str(other)
+    capsys.readouterr()
+    assert cli([*args[:-1], str(tmp_path / "from2")]) == 2
+    assert "is not the vocabulary of --from" in capsys.readouterr().err
+
+
 def test_mlm_objective_on_shards_without_next_sentence_labels(data, tmp_path):
     shard = write_shards(tmp_path / "mlm", n=120, files=1, nsp=False)[0]
     out = tmp_path / "run"

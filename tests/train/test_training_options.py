@@ -1,5 +1,5 @@
-"""`bertopt pretrain` options beyond the defaults: --precision, --compile, --init-from (BERT's
-phase 2), and the errors each gives for input it cannot honour."""
+"""`bertopt pretrain` options beyond the defaults: --precision, --compile, and the errors each gives
+for input it cannot honour (--from and its old name --init-from: test_pretrain_from.py)."""
 
 from __future__ import annotations
 
@@ -73,35 +73,6 @@ def test_compile_without_a_working_compiler_says_how_to_run_without_it(corpus, t
     assert cli(_argv(corpus, out, "--compile", steps=2)) == 2
     _error(capsys, "--compile: torch.compile failed", "run without --compile")
     assert not (out / "checkpoints").exists()  # nothing was trained, nothing to lose
-
-
-def test_init_from_starts_phase_two_from_a_finished_runs_weights(corpus, tmp_path):
-    phase1 = tmp_path / "phase1"
-    assert cli(_argv(corpus, phase1, steps=30)) == 0
-    first = json.loads((phase1 / "summary.json").read_text())
-    phase2 = tmp_path / "phase2"
-    assert cli(_argv(corpus, phase2, "--init-from", str(phase1), "--seq-len", "64", steps=10, preset=None)) == 0
-    second = json.loads((phase2 / "summary.json").read_text())
-    # it starts where phase 1 ended (the held-out loss of a fresh model is ~ln(300) = 5.7)
-    assert second["eval_loss_at_start"] < first["eval_loss_at_start"] - 0.5
-    assert second["run"]["init_from"] == str(phase1) and second["run"]["seq_len"] == 64
-    records = read_metrics(phase2 / "metrics.jsonl")
-    assert records[1]["lr"] == 0.0  # a fresh schedule: warmup from 0 again
-
-
-def test_init_from_refuses_an_unfinished_run_or_another_vocabulary(corpus, tmp_path, capsys):
-    unfinished = tmp_path / "unfinished"
-    unfinished.mkdir()
-    assert cli(_argv(corpus, tmp_path / "a", "--init-from", str(unfinished), preset=None)) == 2
-    _error(capsys, "not a finished `bertopt pretrain` run", "--resume")
-    phase1 = tmp_path / "phase1"
-    assert cli(_argv(corpus, phase1, steps=2)) == 0
-    other_vocab = _argv(corpus, tmp_path / "b", "--init-from", str(phase1), preset=None)
-    other_vocab[other_vocab.index("--vocab-size") + 1] = "400"
-    assert cli(other_vocab) == 2
-    _error(capsys, "tokenizer differs", "same corpus, --vocab-size")
-    assert cli(_argv(corpus, tmp_path / "c", "--init-from", str(phase1), preset="tiny")) == 2
-    _error(capsys, "--init-from takes the model from that run; leave out --preset and --config")
 
 
 def test_resume_with_a_different_global_batch_is_refused(corpus, tmp_path, capsys):
