@@ -135,7 +135,8 @@ def test_from_a_model_continues_on_the_shards(data, reference, tmp_path, capsys)
     other.write_text("\n".join(lines[:5] + lines[6:] + lines[5:6]) + "\n")
     args[args.index("--vocab-file") + 1] = str(other)
     capsys.readouterr()
-    assert cli([*args[:-1], str(tmp_path / "from2")]) == 2
+    args[args.index("--out") + 1] = str(tmp_path / "from2")
+    assert cli(args) == 2
     assert "is not the vocabulary of --from" in capsys.readouterr().err
 
 
