@@ -15,6 +15,12 @@ Batches (:class:`ShardTask`) are a pure function of the step: the global batch's
 epoch-shuffled order, or the shards' own with ``--data-order sequential``), its totals
 (:func:`batch_totals`: examples and masked-LM weight sum) taken before it is cut into ranks'
 shares and micro-batches, so every split gives the one-batch loss and gradient.
+
+What the log reports per window (the loop divides each sum by the examples): ``train_mlm_loss``
+and ``train_nsp_loss`` (the two terms, adding up to ``loss``), ``train_nsp_accuracy`` per example,
+and ``train_mlm_accuracy`` per masked token: each micro-batch reports its correct predictions
+(weighted) times ``B / W`` of its global batch, so a step's share is its accuracy over masked
+tokens, averaged over the window's steps like the loss (no change to the generic loop).
 """
 
 from __future__ import annotations
