@@ -10,9 +10,9 @@ shuffle (of whole words with ``do_whole_word_mask``, as in Google's later versio
 the 80/10/10 draws and the random word, and the final shuffle of all instances.
 
 Memory: Google holds every instance of every dupe pass as Python objects until its final
-shuffle. Here the tokenized documents live in one memory-mapped token file (sentence and document
-offsets beside it: the random next segment needs any document at any time), each instance goes to
-a fixed-size record of a temporary file as it is made, and the final shuffle runs on an array of
+shuffle. Here the tokenized documents live in one token file read with ``pread`` (sentence and
+document offsets beside it: the random next segment needs any document at any time), each
+instance goes to a fixed-size record of a temporary file as it is made, and the final shuffle runs on an array of
 instance numbers (4 bytes each) with the same draws as ``random.shuffle``. The output files are
 then written in that order, round-robin over the files as Google's
 ``write_instance_to_example_files`` does.
@@ -71,28 +71,31 @@ class PairOptions:
                              "with different masks; Google's default is 10).")
 
 
-@dataclass
 class Corpus:
-    """Tokenized documents: ``tokens`` (memory-mapped) holds every sentence's ids back to back;
-    sentence k is ``tokens[sentence_starts[k]:sentence_starts[k + 1]]``; document d is sentences
-    ``doc_starts[d]:doc_starts[d + 1]``."""
+    """Tokenized documents. The token file holds every sentence's ids back to back; sentence k is
+    tokens ``sentence_starts[k]:sentence_starts[k + 1]``; document d is sentences
+    ``doc_starts[d]:doc_starts[d + 1]``. Tokens are read with ``pread``, not a memory map: instance
+    making reads any document at random, and mapped pages would count in the resident set (the
+    kernel maps pages around each one touched), read pages only sit in the page cache."""
 
-    tokens: np.ndarray
-    sentence_starts: np.ndarray
-    doc_starts: np.ndarray
-    lines: int = 0
-    python_lines: int = 0
-    path: str | None = None
-
-    def remap(self) -> None:
-        """Map the token file afresh, so the pages read so far leave the resident set (they stay
-        in the page cache); instance making reads any document at random."""
-        if self.path is not None and len(self.tokens):
-            self.tokens = np.memmap(self.path, dtype=self.tokens.dtype, mode="r")
+    def __init__(self, path: str, dtype, sentence_starts, doc_starts, lines: int = 0, python_lines: int = 0):
+        self.path, self.dtype = path, np.dtype(dtype)
+        self.sentence_starts, self.doc_starts = sentence_starts, doc_starts
+        self.lines, self.python_lines = lines, python_lines
+        self._fd = os.open(path, os.O_RDONLY)
 
     @property
     def documents(self) -> int:
         return len(self.doc_starts) - 1
+
+    def tokens(self, start: int, stop: int) -> list[int]:
+        size = self.dtype.itemsize
+        return np.frombuffer(os.pread(self._fd, (stop - start) * size, start * size), dtype=self.dtype).tolist()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 # --- reading and tokenizing ---------------------------------------------------------------------
@@ -209,8 +212,7 @@ def read_corpus(paths: list[str], vocab: dict[str, int], do_lower_case: bool, wo
             f"{', '.join(paths)}): the next-sentence task draws its random second segments from *other* "
             "documents, so it needs at least two. The format is Google's: one sentence per line, and a blank "
             "line between documents (e.g. between articles or books). Add the blank lines.")
-    tokens = np.memmap(token_path, dtype=token_dtype, mode="r") if sentence_starts[-1] else np.zeros(0, token_dtype)
-    return Corpus(tokens, sentence_starts, doc_starts, lines_seen, python_lines, token_path)
+    return Corpus(token_path, token_dtype, sentence_starts, doc_starts, lines_seen, python_lines)
 
 
 def _line_origin(paths):
@@ -286,7 +288,7 @@ class InstanceMaker:
         self.cls, self.sep, self.mask = vocab["[CLS]"], vocab["[SEP]"], vocab["[MASK]"]
         self.vocab_size = len(vocab)
         self.continues_word = [w.startswith("##") for w in vocab]  # vocab ids are dense in line order
-        self.dtype = _record_dtype(options, corpus.tokens.dtype)
+        self.dtype = _record_dtype(options, corpus.dtype)
         self.block = np.zeros(INSTANCES_PER_BLOCK, dtype=self.dtype)
         self.shuffle = _shuffler(rng)
         self.filled = 0
@@ -366,10 +368,10 @@ class InstanceMaker:
         random, randbelow = rng.random, rng._randbelow
         tokens = self.corpus.tokens
         ids = [self.cls]
-        ids += tokens[a_start:a_stop].tolist()
+        ids += tokens(a_start, a_stop)
         ids.append(self.sep)
         segment_a = len(ids)
-        ids += tokens[b_start:b_stop].tolist()
+        ids += tokens(b_start, b_stop)
         ids.append(self.sep)
         n = len(ids)
         sep_b = segment_a - 1
@@ -445,20 +447,24 @@ def _encoded(records: np.ndarray, options: PairOptions) -> tuple[np.ndarray, np.
         next_sentence_labels=records["random_next"]))
 
 
+def _read_records(fd: int, dtype: np.dtype, idx: np.ndarray) -> np.ndarray:
+    """Records ``idx`` of the instance file, by ``pread`` (see :class:`Corpus` on memory maps)."""
+    size = dtype.itemsize
+    return np.frombuffer(b"".join([os.pread(fd, size, i * size) for i in idx.tolist()]), dtype=dtype)
+
+
 def write_outputs(instances_path: str, dtype: np.dtype, order: np.ndarray, options: PairOptions,
                   output_files: list[str]) -> list[int]:
-    """Instance ``order[k]`` of the record file goes to ``output_files[k % len(output_files)]``.
-    The record file is mapped afresh for each block, so the pages read stay out of the resident set."""
+    """Instance ``order[k]`` of the record file goes to ``output_files[k % len(output_files)]``."""
     writers = [tfrecord.TFRecordWriter(p) for p in output_files]
+    fd = os.open(instances_path, os.O_RDONLY)
     try:
         for start in range(0, len(order), WRITE_BLOCK):
-            idx = np.asarray(order[start:start + WRITE_BLOCK], dtype=np.int64)
-            records = np.memmap(instances_path, dtype=dtype, mode="r")
-            block = records[idx]
-            del records
+            block = _read_records(fd, dtype, order[start:start + WRITE_BLOCK])
             for f, writer in enumerate(writers):  # Google's round robin: instance k to file k % files
                 writer.write_many(*_encoded(block[(f - start) % len(writers)::len(writers)], options))
     finally:
+        os.close(fd)
         for w in writers:
             w.close()
     return [w.count for w in writers]
@@ -498,6 +504,7 @@ def create_pretraining_data(input_files: list[str], vocab_file: str, output_file
     vocab = load_vocab(vocab_file)
     workdir = tempfile.mkdtemp(prefix="bertopt-pairs-", dir=tmp_dir)
     seconds = {}
+    corpus = None
     try:
         t0 = time.perf_counter()
         corpus = read_corpus(input_files, vocab, options.do_lower_case, workdir, workers)
@@ -511,8 +518,6 @@ def create_pretraining_data(input_files: list[str], vocab_file: str, output_file
             maker = InstanceMaker(corpus, vocab, options, rng, out)
             for _ in range(options.dupe_factor):
                 for document_index in range(len(doc_order)):
-                    if document_index % 1024 == 1023:
-                        corpus.remap()
                     maker.document(doc_order, document_index)
             maker.flush()
         seconds["instances"] = time.perf_counter() - t0
@@ -524,6 +529,8 @@ def create_pretraining_data(input_files: list[str], vocab_file: str, output_file
         seconds["write"] = time.perf_counter() - t0
         return PairsSummary(corpus.documents, corpus.lines, corpus.python_lines, maker.count, per_file, seconds)
     finally:
+        if corpus is not None:
+            corpus.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

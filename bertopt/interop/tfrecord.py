@@ -8,7 +8,7 @@ the data, masked CRC32C of the data. ``tf.train.Example`` is a protobuf: ``Featu
 with ``repeated value = 1`` (packed by TensorFlow; unpacked is accepted when reading).
 
 Reading and writing are vectorized over records with numpy: the CRCs
-(:mod:`bertopt.interop.record_crc32c`), the Examples' field headers (when all records have the
+(:func:`bertopt.interop.crc32c.many`), the Examples' field headers (when all records have the
 same fields, as shards do; else record by record) and the packed varints. Measured: ~25 MB/s read
 with CRCs checked, on the 2 loaded cores of the development machine.
 """
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bertopt.errors import UsageError
-from bertopt.interop.record_crc32c import crc32c_many, mask
+from bertopt.interop.crc32c import many as crc32c_many, mask
 
 BYTES, FLOAT, INT64 = 1, 2, 3  # Feature's oneof field numbers
 KIND_NAMES = {BYTES: "bytes_list", FLOAT: "float_list", INT64: "int64_list"}

@@ -9,7 +9,7 @@ import pytest
 
 from bertopt.errors import UsageError
 from bertopt.interop import tfrecord as tfr
-from bertopt.interop.record_crc32c import crc32c, crc32c_many, mask
+from bertopt.interop.crc32c import many as crc32c_many, mask, value as crc32c
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TF_FILE = os.path.join(HERE, "tfrecord", "tf_written.tfrecord")
