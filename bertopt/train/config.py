@@ -201,8 +201,8 @@ class PretrainConfig:
     # None: DEFAULT_VOCAB_SIZE and True (BERT-uncased) for a scratch run; with from_model, the model's
     vocab_size: int | None = _doc(None, "WordPiece vocabulary size to train")
     lowercase: bool | None = _doc(None, "keep case (default: lowercase, like BERT-uncased)")  # the flag is --cased
-    seq_len: int | None = _doc(None, f"tokens per sequence (default: {DEFAULT_SEQ_LEN}; with --data, the shards' "
-                                     "length, which it must equal)")
+    # None: DEFAULT_SEQ_LEN, or with --data the shards' length
+    seq_len: int | None = _doc(None, "tokens per sequence (with --data: the shards' length, which it must equal)")
     mask_prob: float = _doc(0.15, "fraction of tokens to predict")
     whole_word_masking: bool = _doc(False, "mask all WordPiece pieces of a chosen word together (Google's later "
                                            "BERT models; default: off, as BERT)")
