@@ -81,8 +81,8 @@ def rewind(run: Training, state: LoopState, reason: str) -> LoopState:
     if len(spike.rewinds) >= config.max_rewinds:
         done = ", ".join(f"{e['detected_step']}->{e['restored_step']}" for e in spike.rewinds) or "none"
         raise LossSpike(
-            f"the training loss spiked at step {detected} ({reason}), and --max-rewinds {config.max_rewinds} "
-            f"rewinds were already made (detected step -> restored step: {done}); {where}. The run is "
+            f"the training loss spiked at step {detected} ({reason}), and the rewinds that --max-rewinds "
+            f"{config.max_rewinds} allows were used up (detected step -> restored step: {done}); {where}. The run is "
             "unstable: lower --lr (or --spike-lr-factor below 1), check the data, then resume with --resume, "
             "or allow more with --max-rewinds")
     candidates = [c for c in ckpt.list_checkpoints(run.checkpoint_dir) if c.step < start]

@@ -95,7 +95,7 @@ class SpikeState:
             rise = loss - level
             # the MAD of a flat curve can be ~0: a spike must also rise by min_rise of the level
             loss_bar = max(loss_mads * spread, min_rise * abs(level))
-            norm_level = median_and_mad(self.norms)[0]
+            norm_level = _median(sorted(self.norms))
             ratio = grad_norm / norm_level if norm_level > 0 else 1.0
             if rise > loss_bar or ratio > grad_ratio:
                 what = (f"loss {loss:.4g} against a recent median of {level:.4g} (MAD {spread:.3g})"
@@ -109,8 +109,9 @@ class SpikeState:
                 self.elevated_since = step
             return verdict
         self.elevated_since = (self.elevated_since or step) if verdict.elevated else None
-        self.losses = (self.losses + [loss])[-window:]
-        self.norms = (self.norms + [grad_norm])[-window:]
+        for history, value in ((self.losses, loss), (self.norms, grad_norm)):
+            history.append(value)
+            del history[:-window]
         return verdict
 
 

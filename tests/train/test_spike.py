@@ -166,7 +166,7 @@ def test_too_many_spikes_stop_with_a_clear_error(tmp_path, fault_at_steps):
         _run(tmp_path, max_rewinds=2)
     message = str(raised.value)
     assert "spiked at step 20" in message  # data step 22 is optimizer step 20 after two skips
-    assert "--max-rewinds 2" in message and "13->10, 16->15" in message
+    assert "--max-rewinds 2 allows were used up" in message and "13->10, 16->15" in message
     assert "lower --lr" in message and exit_code(raised.value) == EXIT_FAILED
     assert [e["detected_step"] for e in json.loads(json.dumps(
         ckpt.load_checkpoint(tmp_path / "checkpoints").state["loop"]["spike"]["rewinds"]))] == [13, 16]
