@@ -48,6 +48,9 @@ def _load_into(run: Training, loaded: ckpt.LoadedCheckpoint) -> LoopState:
             ckpt.set_training_state(run.model, None, saved["model"], None)
             run.optimizer.state.clear()
         run.scheduler.load_state_dict(saved["scheduler"])
+        if not saved["optimizer"]:  # the LR lives in the optimizer's state: the schedule's of step 0
+            for group, lr in zip(run.optimizer.param_groups, run.scheduler.get_last_lr()):
+                group["lr"] = lr
         if run.amp.scaler.is_enabled() and "scaler" in saved:
             run.amp.scaler.load_state_dict(saved["scaler"])
         ckpt.restore_rng_state(saved["rng"][run.ctx.rank % len(saved["rng"])])

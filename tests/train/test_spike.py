@@ -199,3 +199,24 @@ def test_crash_in_the_middle_of_a_rewind_then_resume_ends_the_same(tmp_path, fau
         assert _curve(out) == _curve(tmp_path / "straight")
         assert [e["detected_step"] for e in result.summary["rewinds"]] == [19]
         assert [r["rewind"] for r in read_metrics(out / "metrics.jsonl") if "event" in r] == [1]
+
+
+def test_a_spike_before_the_first_save_rewinds_to_the_start(tmp_path, fault_at_steps):
+    """The guard saves a checkpoint before the first step, so a spike before the first
+    --save-every still has one to go back to; the run then equals the clean one."""
+    _, clean_model = _run(tmp_path / "clean", task=SkippingToyTask({16}), on_spike="off", save_every=0)
+    _poison(fault_at_steps)
+    result, model = _run(tmp_path / "spiked", save_every=0)
+    assert [(e["detected_step"], e["restored_step"]) for e in result.summary["rewinds"]] == [(17, 0)]
+    assert _same_parameters(model, clean_model)
+
+
+def test_no_checkpoint_left_from_before_the_spike_is_a_clear_error(tmp_path, fault_at_steps):
+    def remove_checkpoints(step):
+        if step == 15:  # someone deleted them while the run went on
+            for path in (tmp_path / "checkpoints").iterdir():
+                path.unlink()
+
+    _poison(fault_at_steps)
+    with pytest.raises(LossSpike, match="no checkpoint from before step 17 is left in .*--keep-checkpoints"):
+        _run(tmp_path, task=ToyTask(batch_size=BATCH, hook=remove_checkpoints), save_every=0)
