@@ -36,7 +36,8 @@ def margins(path: Path, config: RunConfig) -> dict:
                                ("rise", (loss - level) / level), ("grad", norm / norm_level)):
                 worst[key] = max(worst[key], (value, r["step"]))
         verdict = state.judge(r["step"], loss, norm, window=config.spike_window, loss_mads=config.spike_loss_mads,
-                              min_rise=config.spike_min_rise, grad_ratio=config.spike_grad_ratio)
+                              min_rise=config.spike_min_rise, grad_ratio=config.spike_grad_ratio,
+                              patience=config.spike_patience)
         if verdict.spike:
             alarms.append({"step": r["step"], "reason": verdict.reason})
     return {"run": str(path), "steps": len(records),
@@ -50,8 +51,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("metrics", nargs="+", type=Path)
     parser.add_argument("--window", type=int, default=RunConfig.spike_window)
+    parser.add_argument("--patience", type=int, default=RunConfig.spike_patience)
     args = parser.parse_args()
-    config = RunConfig(spike_window=args.window)
+    config = RunConfig(spike_window=args.window, spike_patience=args.patience)
     for path in args.metrics:
         print(json.dumps(margins(path, config)))
 

@@ -97,6 +97,7 @@ def _optim_and_run_flags(parser: argparse.ArgumentParser, defaults) -> None:
     add("--spike-loss-mads", type=float)
     add("--spike-min-rise", type=float)
     add("--spike-grad-ratio", type=float)
+    add("--spike-patience", type=int)
     add("--spike-lr-factor", type=float)
     add("--max-rewinds", type=int)
     add("--seed", type=int)

@@ -125,6 +125,8 @@ class RunConfig:
                                         "deviation) above the recent median")
     spike_min_rise: float = _doc(0.25, "... and above the recent median by more than this fraction of it")
     spike_grad_ratio: float = _doc(20.0, "or its gradient norm is more than this many times the recent median")
+    spike_patience: int = _doc(2, "steps in a row past a threshold that make a spike (1: the first; a single wild "
+                                  "step that heals at the next is left alone)")
     spike_lr_factor: float = _doc(1.0, "multiply the learning rate by this after each rewind")
     max_rewinds: int = _doc(3, "rewinds before a spike stops the run with an error")
     # None: fresh; "auto": the newest in <out>/checkpoints; or a path
@@ -152,6 +154,7 @@ class RunConfig:
         _need(self.spike_loss_mads > 0, "--spike-loss-mads", "> 0", self.spike_loss_mads)
         _need(self.spike_min_rise >= 0, "--spike-min-rise", ">= 0", self.spike_min_rise)
         _need(self.spike_grad_ratio > 1, "--spike-grad-ratio", "> 1", self.spike_grad_ratio)
+        _need(self.spike_patience >= 1, "--spike-patience", ">= 1", self.spike_patience)
         _need(0 < self.spike_lr_factor <= 1, "--spike-lr-factor", "in (0, 1]", self.spike_lr_factor)
         _need(self.max_rewinds >= 0, "--max-rewinds", ">= 0", self.max_rewinds)
         _need(self.log_every >= 1, "--log-every", ">= 1", self.log_every)

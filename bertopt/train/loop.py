@@ -305,7 +305,7 @@ def _judge(run: Training, state: LoopState, stats: StepStats) -> Verdict:
     config = run.config
     return state.spike.judge(state.step, stats.loss, stats.grad_norm, window=config.spike_window,
                              loss_mads=config.spike_loss_mads, min_rise=config.spike_min_rise,
-                             grad_ratio=config.spike_grad_ratio)
+                             grad_ratio=config.spike_grad_ratio, patience=config.spike_patience)
 
 
 def _log_rewinds(state: LoopState, metrics: MetricsLog) -> None:

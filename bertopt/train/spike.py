@@ -8,6 +8,9 @@ deviation, scaled by 1.4826 to estimate a standard deviation) of the last ``--sp
 applied steps, so one bad step does not move it. Steps whose update was not applied (a non-finite
 loss, an fp16 overflow: their norm is inf) are neither spikes nor part of the level.
 
+A step that passes either threshold counts as a spike once ``--spike-patience`` steps in a row
+have (one that heals at the next step is left alone: the clipped update of a single wild step
+did no lasting harm, and a rewind could not help when the model's state, not a batch, caused it).
 A step is *elevated* when it passes half of either threshold; the spike's window is the run of
 elevated steps that ends at the spike. The loop then restores the newest checkpoint taken before
 that window (:func:`bertopt.train.resume.rewind`) and skips the window's batches: the batch of
@@ -42,11 +45,12 @@ class SpikeState:
     skipped: list[list[int]] = field(default_factory=list)  # data-step ranges [start, end), merged, sorted
     rewinds: list[dict[str, Any]] = field(default_factory=list)  # one event per rewind
     lr_scale: float = 1.0  # product of the --spike-lr-factor of every rewind so far
+    spiking: int = 0  # steps in a row past a threshold (kept out of the level)
 
     def state_dict(self) -> dict[str, Any]:
         return {"losses": list(self.losses), "norms": list(self.norms), "elevated_since": self.elevated_since,
                 "skipped": [list(r) for r in self.skipped], "rewinds": [dict(e) for e in self.rewinds],
-                "lr_scale": self.lr_scale}
+                "lr_scale": self.lr_scale, "spiking": self.spiking}
 
     @classmethod
     def from_state_dict(cls, saved: dict[str, Any] | None) -> "SpikeState":
@@ -56,7 +60,7 @@ class SpikeState:
                    elevated_since=saved.get("elevated_since"),
                    skipped=[[int(a), int(b)] for a, b in saved.get("skipped", [])],
                    rewinds=[dict(e) for e in saved.get("rewinds", [])],
-                   lr_scale=float(saved.get("lr_scale", 1.0)))
+                   lr_scale=float(saved.get("lr_scale", 1.0)), spiking=int(saved.get("spiking", 0)))
 
     # --- data order ---------------------------------------------------------------------------
 
@@ -84,9 +88,11 @@ class SpikeState:
     # --- detection ----------------------------------------------------------------------------
 
     def judge(self, step: int, loss: float, grad_norm: float, *, window: int, loss_mads: float,
-              min_rise: float, grad_ratio: float) -> Verdict:
-        """Judge 1-based ``step`` (loss and gradient norm of an update already applied) and, unless
-        it is a spike, add it to the recent level. Non-finite values (a skipped update) are ignored."""
+              min_rise: float, grad_ratio: float, patience: int = 1) -> Verdict:
+        """Judge 1-based ``step`` (loss and gradient norm of an update already applied): a spike
+        once ``patience`` steps in a row pass a threshold (a single step that passes and heals at
+        once is left alone). A step that passes none joins the recent level. Non-finite values (a
+        skipped update) are ignored."""
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return Verdict(False, self.elevated_since is not None)
         verdict = Verdict(False, False)
@@ -107,7 +113,10 @@ class SpikeState:
         if verdict.spike:
             if self.elevated_since is None:
                 self.elevated_since = step
+            self.spiking = self.spiking + 1
+            verdict.spike = self.spiking >= patience
             return verdict
+        self.spiking = 0
         self.elevated_since = (self.elevated_since or step) if verdict.elevated else None
         for history, value in ((self.losses, loss), (self.norms, grad_norm)):
             history.append(value)

@@ -12,7 +12,9 @@ from _faults import Launcher, assert_same_curve, assert_verified_checkpoint, cur
 from _spike_child import run_poisoned
 
 STEPS = 40
-POISON = (23,)  # 0-based data step: optimizer step 24 meets it; the checkpoint of step 20 precedes it
+# 0-based data steps: optimizer steps 24-25 meet them, and the second makes the spike (the default
+# --spike-patience 2); the checkpoint of step 20 precedes them
+POISON = (23, 24)
 GUARD = ("--on-spike", "rewind", "--spike-window", "10", "--grad-accum-steps", "2")
 
 
@@ -45,17 +47,17 @@ def _without_events(records):
 
 
 def test_a_poisoned_batch_is_rewound_skipped_and_the_run_equals_a_clean_one(setup):
-    """The spike is caught at the step that reads the poisoned batch (delay 0); the run goes back
-    to the checkpoint of step 20, skips that batch, and its curve and final model then equal those
-    of a clean run whose data order never held it (rel 1e-6, in practice bit-identical)."""
+    """The spike is caught at the second poisoned batch (--spike-patience 2); the run goes back
+    to the checkpoint of step 20, skips both batches, and its curve and final model then equal
+    those of a clean run whose data order never held them (rel 1e-6, in practice bit-identical)."""
     _, base = setup
     [event] = summary(base / "poisoned")["rewinds"]
-    assert (event["detected_step"], event["restored_step"], event["skipped_data_steps"]) == (24, 20, [23, 24])
+    assert (event["detected_step"], event["restored_step"], event["skipped_data_steps"]) == (25, 20, [23, 25])
     assert event["reason"].startswith("loss ")
     assert summary(base / "clean")["rewinds"] == []
     assert_same_curve(_without_events(curve(base / "poisoned")), curve(base / "clean"))
     assert summary(base / "poisoned")["eval_loss"] == summary(base / "clean")["eval_loss"]
-    assert "warning: loss spike at step 24" in (base / "poisoned.log").read_text()
+    assert "warning: loss spike at step 25" in (base / "poisoned.log").read_text()
 
 
 @pytest.mark.parametrize("moment", ["before", "after"])
@@ -76,8 +78,8 @@ def test_kill_9_in_the_middle_of_a_rewind_then_resume_ends_the_same(setup, tmp_p
 def test_more_spikes_than_max_rewinds_exit_1_naming_the_limit(setup, tmp_path):
     run, _ = setup
     out = tmp_path / "run"
-    assert run(out, "--max-rewinds", "1", poison=(15, 23)) == 1
+    assert run(out, "--max-rewinds", "1", poison=(15, 16, 23, 24)) == 1
     text = (tmp_path / "run.log").read_text()
     assert "error: the training loss spiked at step 23" in text and "--max-rewinds 1 allows" in text
-    assert "16->12" in text and "Traceback" not in text
+    assert "17->12" in text and "Traceback" not in text
     assert_verified_checkpoint(out)

@@ -24,7 +24,8 @@ POISONED = {17}  # 1-based data steps whose loss (and so gradient) the fault mul
 # The toy run is short: judge from the 10 steps before. Batches of 32 of its 64 examples: with 8,
 # the loss (an MSE) swings by 3x from batch to batch, far more than BERT's (docs/reliability.md).
 BATCH = 32
-DETECTOR = dict(spike_window=10, spike_min_rise=1.0)
+# A poisoned batch here is one step: act on it at once (--spike-patience 1).
+DETECTOR = dict(spike_window=10, spike_min_rise=1.0, spike_patience=1)
 
 
 @pytest.fixture(autouse=True)
@@ -101,6 +102,16 @@ def test_detector_ignores_noise_and_skipped_updates_and_flags_a_jump():
     jump = spike.judge(204, 6.0, 1.0, **options)
     assert jump.spike and "loss 6" in jump.reason
     assert spike.losses == history and spike.elevated_since == 203
+
+
+def test_patience_leaves_a_single_wild_step_alone():
+    spike, options = SpikeState(), dict(window=20, loss_mads=12.0, min_rise=0.25, grad_ratio=20.0, patience=2)
+    for step in range(1, 21):
+        spike.judge(step, 5.0 + 0.01 * (step % 3), 1.0, **options)
+    assert not spike.judge(21, 9.0, 1.0, **options).spike  # one wild step...
+    assert not spike.judge(22, 5.0, 1.0, **options).spike and spike.elevated_since is None  # ...that heals
+    assert not spike.judge(23, 9.0, 1.0, **options).spike
+    assert spike.judge(24, 9.0, 1.0, **options).spike and spike.elevated_since == 23  # two in a row
 
 
 def test_elevated_steps_open_the_window_and_keep_its_checkpoint(tmp_path, fault_at_steps):
