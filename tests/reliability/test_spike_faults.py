@@ -11,7 +11,7 @@ import pytest
 from _faults import Launcher, assert_same_curve, assert_verified_checkpoint, curve, pretrain_argv, summary, write_corpus
 from _spike_child import run_poisoned
 
-STEPS = 40
+STEPS = 30
 # 0-based data steps: optimizer steps 24-25 meet them, and the second makes the spike (the default
 # --spike-patience 2); the checkpoint of step 20 precedes them
 POISON = (23, 24)

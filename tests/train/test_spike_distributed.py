@@ -29,23 +29,30 @@ def _run(args, out, processes):
     return read_metrics(out / "metrics.jsonl"), json.loads((out / "summary.json").read_text())
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_processes_take_the_rewind_of_one(tmp_path, mode):
-    config = tmp_path / "no-dropout.json"  # dropout draws differ per process; switch it off to compare
+@pytest.fixture(scope="module")
+def one(tmp_path_factory):
+    """The arguments, and the one-process run they make."""
+    base = tmp_path_factory.mktemp("spike-distributed")
+    config = base / "no-dropout.json"  # dropout draws differ per process; switch it off to compare
     config.write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                                   "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}))
-    args = ["pretrain", "--config", str(config), "--corpus", str(write_corpus(tmp_path / "text", documents=200)),
-            "--cache-dir", str(tmp_path / "cache"), "--vocab-size", "300", "--seq-len", "32", "--batch-size", "8",
+    args = ["pretrain", "--config", str(config), "--corpus", str(write_corpus(base / "text", documents=200)),
+            "--cache-dir", str(base / "cache"), "--vocab-size", "300", "--seq-len", "32", "--batch-size", "8",
             "--steps", "20", "--lr", "3e-3", "--log-every", "1", "--eval-every", "0", "--save-every", "4",
             "--threads", "1", "--no-progress", "--on-spike", "rewind", "--spike-window", "10"]
-    one, one_summary = _run(args, tmp_path / "one", 1)
-    two, two_summary = _run([*args, *(["--fsdp"] if mode == "fsdp" else [])], tmp_path / mode, 2)
-    [event] = one_summary["rewinds"]
+    return args, base, *_run(args, base / "one", 1)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_take_the_rewind_of_one(one, mode):
+    args, base, records, summary = one
+    two, two_summary = _run([*args, *(["--fsdp"] if mode == "fsdp" else [])], base / mode, 2)
+    [event] = summary["rewinds"]
     assert (event["detected_step"], event["restored_step"], event["skipped_data_steps"]) == (15, 12, [13, 15])
     assert [{k: v for k, v in e.items() if k != "reason"} for e in two_summary["rewinds"]] == \
         [{k: v for k, v in event.items() if k != "reason"}]
-    assert [r["step"] for r in two] == [r["step"] for r in one]
-    for got, want in zip(two, one):  # float32 sums over 2 processes: equal to rounding (<= 5e-7 measured)
+    assert [r["step"] for r in two] == [r["step"] for r in records]
+    for got, want in zip(two, records):  # float32 sums over 2 processes: equal to rounding (<= 5e-7 measured)
         for key in ("loss", "grad_norm", "lr", "eval_loss"):
             if key in want:
                 assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-9), (key, got, want)
