@@ -127,7 +127,10 @@ class RunConfig:
     spike_grad_ratio: float = _doc(20.0, "or its gradient norm is more than this many times the recent median")
     spike_patience: int = _doc(2, "steps in a row past a threshold that make a spike (1: the first; a single wild "
                                   "step that heals at the next is left alone)")
-    spike_lr_factor: float = _doc(1.0, "multiply the learning rate by this after each rewind")
+    # 0.5: both spikes measured that came from the model's state (not a batch) came back after a
+    # rewind at the same LR, three times; at half the LR the run went on (docs/reliability.md)
+    spike_lr_factor: float = _doc(0.5, "multiply the learning rate by this after each rewind (1: keep it; the run "
+                                       "then equals one that never read the skipped batches)")
     max_rewinds: int = _doc(3, "rewinds before a spike stops the run with an error")
     # None: fresh; "auto": the newest in <out>/checkpoints; or a path
     resume: str | None = _doc(None, "continue from the newest valid checkpoint in <out>/checkpoints, or from "

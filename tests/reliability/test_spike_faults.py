@@ -15,7 +15,8 @@ STEPS = 30
 # 0-based data steps: optimizer steps 24-25 meet them, and the second makes the spike (the default
 # --spike-patience 2); the checkpoint of step 20 precedes them
 POISON = (23, 24)
-GUARD = ("--on-spike", "rewind", "--spike-window", "10", "--grad-accum-steps", "2")
+# --spike-lr-factor 1: the rewound run keeps the LR, so it can equal the clean one
+GUARD = ("--on-spike", "rewind", "--spike-window", "10", "--spike-lr-factor", "1", "--grad-accum-steps", "2")
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,9 @@ POISONED = {17}  # 1-based data steps whose loss (and so gradient) the fault mul
 # The toy run is short: judge from the 10 steps before. Batches of 32 of its 64 examples: with 8,
 # the loss (an MSE) swings by 3x from batch to batch, far more than BERT's (docs/reliability.md).
 BATCH = 32
-# A poisoned batch here is one step: act on it at once (--spike-patience 1).
-DETECTOR = dict(spike_window=10, spike_min_rise=1.0, spike_patience=1)
+# A poisoned batch here is one step: act on it at once (--spike-patience 1); keep the LR, so the
+# rewound run can equal the clean one.
+DETECTOR = dict(spike_window=10, spike_min_rise=1.0, spike_patience=1, spike_lr_factor=1.0)
 
 
 @pytest.fixture(autouse=True)
