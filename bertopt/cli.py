@@ -26,7 +26,8 @@ from typing import Any
 
 from bertopt.errors import EXIT_CODES, EXIT_USAGE, Terminated, exit_code, report_error, report_stop
 from bertopt.train.config import (DATA_ORDERS, DEVICES, NONFINITE_POLICIES, OBJECTIVES, OPTIMIZERS, PRECISIONS,
-                                  SCHEDULE_STYLES, WEIGHT_DECAY_MODES, FinetuneConfig, OptimConfig, PretrainConfig, RunConfig,
+                                  SCHEDULE_STYLES, SPIKE_POLICIES, WEIGHT_DECAY_MODES, FinetuneConfig, OptimConfig,
+                                  PretrainConfig, RunConfig,
                                   help_text)
 
 OTHER_COMMANDS = {
@@ -94,6 +95,14 @@ def _optim_and_run_flags(parser: argparse.ArgumentParser, defaults) -> None:
     add("--max-grad-norm", type=float)
     add = _adder(group, "run", run)
     add("--on-nonfinite", choices=NONFINITE_POLICIES)
+    add("--on-spike", choices=SPIKE_POLICIES)
+    add("--spike-window", type=int)
+    add("--spike-loss-mads", type=float)
+    add("--spike-min-rise", type=float)
+    add("--spike-grad-ratio", type=float)
+    add("--spike-patience", type=int)
+    add("--spike-lr-factor", type=float)
+    add("--max-rewinds", type=int)
     add("--seed", type=int)
 
     group = parser.add_argument_group("run")

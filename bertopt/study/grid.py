@@ -62,6 +62,18 @@ class TaskSpec:
     lr_from: dict[str, str] = field(default_factory=dict)  # variant -> the swept variant whose LR it uses
     failure_table: bool = False  # report failed runs per arm (the few-sample parts)
 
+    def __post_init__(self) -> None:
+        """The settings are checked against the typed configs when the part is declared, not when its
+        first run starts: an unknown field or a value out of range names the part."""
+        from bertopt.study.variants import BY_NAME
+
+        try:
+            for variant in self.variants:
+                for lr in {self.lr, *self.sweep.get(variant, ())}:
+                    build_config(self, BY_NAME[variant], seed=0, lr=lr, out_dir=Path("."))
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"study part {self.key!r}: {exc}") from exc
+
 
 @dataclass
 class RunRecord:

@@ -1,6 +1,6 @@
 """What a training command hands the loop: a :class:`Job` (model, task, length, run info, export)
 and the task's contract (:class:`TrainingTask`, :class:`StepOutput`); and the errors that stop
-training (:class:`TrainingError`, :class:`NonFiniteLoss`).
+training (:class:`TrainingError`, :class:`NonFiniteLoss`, :class:`LossSpike`).
 
 A command (``pretrain.build_job``, ``finetune.build_job``) turns its typed config into a Job; the
 skeleton (:mod:`bertopt.train.command`) runs it with the config's :class:`~bertopt.train.config.RunConfig`
@@ -44,6 +44,11 @@ class TrainingError(RuntimeError):
 class NonFiniteLoss(TrainingError):
     """The training loss was nan/inf (once with ``--on-nonfinite stop``, or too many steps in a row
     with ``skip``): the run diverged. The study records such a run as a result, not a failure."""
+
+
+class LossSpike(TrainingError):
+    """A finite loss spike that ``--on-spike rewind`` could not get past: ``--max-rewinds`` rewinds
+    were made already, or no checkpoint from before the spike is left."""
 
 
 @dataclass

@@ -36,7 +36,8 @@ from bertopt.train.distributed import DistContext, gradient_sync
 from bertopt.train.job import Job, NonFiniteLoss, StepOutput, TrainingError, TrainingTask
 from bertopt.train.precision import MixedPrecision
 from bertopt.train.report import MetricsLog, plot_metrics, read_metrics, run_summary, write_summary
-from bertopt.train.resume import intact, restore, save
+from bertopt.train.resume import intact, restore, rewind, save
+from bertopt.train.spike import Verdict
 from bertopt.train.state import LoopState, StepStats, Training, Window
 
 __all__ = ["run_training", "Training", "LoopResult", "train_step", "apply_update", "TrainingError", "NonFiniteLoss",
@@ -102,13 +103,24 @@ def run_training(job: Job, config: RunConfig, optimizer: torch.optim.Optimizer, 
     bar = tqdm(total=job.total_steps, initial=state.step, desc=job.title or "train", unit="step",
                disable=not (config.progress and ctx.is_main), dynamic_ncols=True, smoothing=0.1)
     run.model.train()  # from_pretrained() returns a model in eval mode
+    guarded = config.on_spike == "rewind"
     try:
         if job.eval_at_start and state.resumed_from is None and hasattr(run.task, "evaluate"):
             metrics.append({"step": 0, "lr": _current_lr(optimizer), **evaluate(run)})
+        if guarded and state.resumed_from is None:
+            state.last_checkpoint = save(run, state)  # a spike before the first --save-every can rewind to it
+        _log_rewinds(state, metrics)  # a run killed between a rewind's checkpoint and its record
         with _StopRequests() as stop:
             while state.step < job.total_steps:
                 stats = train_step(run, state, stop_requested=lambda: stop.signal_name is not None)
                 state.first_step_s = state.first_step_s or stats.seconds
+                if guarded and (verdict := _judge(run, state, stats)).spike:
+                    state = rewind(run, state, verdict.reason)
+                    metrics.rewind_to(state.step)
+                    _log_rewinds(state, metrics)
+                    _warn_rewind(run, state)
+                    bar.n = state.step
+                    continue
                 log_and_evaluate(run, state, stats, metrics)
                 bar.update(1)
                 bar.set_postfix(loss=f"{stats.loss:.3f}", lr=f"{stats.lr:.2e}",
@@ -135,7 +147,7 @@ def train_step(run: Training, state: LoopState, *, stop_requested: Callable[[], 
     only), then :func:`apply_update`, unless the loss is non-finite."""
     model, task, ctx, amp = run.model, run.task, run.ctx, run.amp
     started = time.perf_counter()
-    batch = task.batch(state.step)
+    batch = task.batch(state.spike.data_step(state.step))  # the step itself unless spikes were skipped
     parts = task.split(batch, run.config.grad_accum_steps) if run.config.grad_accum_steps > 1 else [batch]
     outputs = []
     for i, part in enumerate(parts):
@@ -267,7 +279,7 @@ def finish_run(run: Training, state: LoopState, started: float) -> LoopResult:
             final_fields=final_fields, train_time=state.train_time, first_step_s=state.first_step_s,
             processes=ctx.world_size, checkpoint=state.last_checkpoint, metrics=out_dir / "metrics.jsonl",
             run_info=job.run_info, plots=plots, extra=job.summary, model_dir=model_dir,
-            wall_time_s=time.perf_counter() - started)
+            wall_time_s=time.perf_counter() - started, rewinds=state.spike.rewinds)
         write_summary(out_dir / "summary.json", summary)
         if job.report is not None:
             job.report(summary, out_dir)
@@ -285,6 +297,33 @@ def _current_lr(optimizer: torch.optim.Optimizer) -> float:
 
 def _as_float(value) -> float:
     return float(value.item() if hasattr(value, "item") else value)
+
+
+def _judge(run: Training, state: LoopState, stats: StepStats) -> Verdict:
+    """Is the step just finished a loss spike? (every rank decides alike: the loss is all-reduced
+    and the gradient norm global)."""
+    config = run.config
+    return state.spike.judge(state.step, stats.loss, stats.grad_norm, window=config.spike_window,
+                             loss_mads=config.spike_loss_mads, min_rise=config.spike_min_rise,
+                             grad_ratio=config.spike_grad_ratio, patience=config.spike_patience)
+
+
+def _log_rewinds(state: LoopState, metrics: MetricsLog) -> None:
+    """A metrics.jsonl record ``{"step": restored, "event": "rewind", ...}`` of each rewind that has
+    none yet (the record is written after the rewind's checkpoint: a kill between them loses it)."""
+    logged = {r.get("rewind") for r in metrics.records if r.get("event") == "rewind"}
+    for event in state.spike.rewinds:
+        if event["rewind"] not in logged:
+            metrics.append({"step": event["restored_step"], "event": "rewind", **event})
+
+
+def _warn_rewind(run: Training, state: LoopState) -> None:
+    if run.ctx.is_main:
+        e = state.spike.rewinds[-1]
+        print(f"warning: loss spike at step {e['detected_step']} ({e['reason']}); rewound to the checkpoint of "
+              f"step {e['restored_step']} and skipping {e['batches_skipped']} batch(es) (data steps "
+              f"{e['skipped_data_steps'][0]} to {e['skipped_data_steps'][1] - 1}); rewind {e['rewind']} of at most "
+              f"{run.config.max_rewinds}", flush=True)
 
 
 def _on_nonfinite_loss(loss: float, step: int, run: Training, state: LoopState) -> None:

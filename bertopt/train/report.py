@@ -41,27 +41,37 @@ class MetricsLog:
 
     ``resume_step=None`` starts a new file. ``resume_step=s`` keeps only the records with
     ``step <= s`` (a resumed run re-logs the steps after its checkpoint), so the file of an
-    interrupted-and-resumed run reads like the file of an uninterrupted one.
+    interrupted-and-resumed run reads like the file of an uninterrupted one. Event records (a
+    rewind after a loss spike: ``{"event": "rewind", ...}``) are history and always kept.
     """
 
     def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None, enabled: bool = True):
         self.path = Path(path)
         self.enabled = enabled
+        self.records: list[dict[str, Any]] = []  # what the file holds
         self._file = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
         if resume_step is not None and self.path.exists():
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-        text = "".join(json.dumps(r) + "\n" for r in kept)
-        atomic_write_bytes(self.path, text.encode())
+            self.records = read_metrics(self.path)
+        self.rewind_to(resume_step or 0)
+
+    def rewind_to(self, step: int) -> None:
+        """Drop the records after ``step`` (except events): the run goes on from there."""
+        if not self.enabled:
+            return
+        self.close()
+        self.records = [r for r in self.records if r.get("step", 0) <= step or "event" in r]
+        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in self.records).encode())
         self._file = open(self.path, "a", encoding="utf-8")
 
     def append(self, record: dict[str, Any]) -> None:
         if self._file is None:
             return
-        self._file.write(json.dumps(_jsonable(record)) + "\n")
+        record = _jsonable(record)
+        self.records.append(record)
+        self._file.write(json.dumps(record) + "\n")
         self._file.flush()  # a crash loses at most the line being written
 
     def close(self) -> None:
@@ -117,8 +127,10 @@ def run_summary(records: list[dict[str, Any]], *, title: str, steps_completed: i
                 stopped_by: str | None, resumed_from: int | None, last_eval: dict[str, float],
                 final_fields: dict[str, Any], train_time: float, first_step_s: float | None, processes: int,
                 checkpoint: Path | None, metrics: Path, run_info: dict[str, Any], plots: list[Path],
-                extra: dict[str, Any], model_dir: Path | None, wall_time_s: float) -> dict[str, Any]:
-    """The fields of ``summary.json``, from the run's metrics records and what the loop knows.
+                extra: dict[str, Any], model_dir: Path | None, wall_time_s: float,
+                rewinds: list[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The fields of ``summary.json``, from the run's metrics records and what the loop knows
+    (``rewinds``: one entry per rewind after a loss spike, see :mod:`bertopt.train.spike`).
     ``last_eval`` empty (e.g. a finished run resumed): the last evaluation found in ``records``."""
     losses = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float))]
     at_start = next((r for r in records if r.get("step") == 0), {})
@@ -136,6 +148,7 @@ def run_summary(records: list[dict[str, Any]], *, title: str, steps_completed: i
         "first_step_s": round(first_step_s, 3) if first_step_s else None,
         "wall_time_s_this_process": round(wall_time_s, 2),
         "processes": processes,
+        "rewinds": list(rewinds),
         "checkpoint": str(checkpoint) if checkpoint else None,
         "metrics": str(metrics), "run": run_info,
         "plots": [str(p) for p in plots],

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from bertopt.train import checkpoint as ckpt
-from bertopt.train.job import TrainingError
+from bertopt.train.job import LossSpike, TrainingError
 from bertopt.train.state import LoopState, Training
 
 
@@ -29,13 +29,31 @@ def restore(run: Training) -> LoopState:
     except ckpt.CheckpointError as exc:
         raise ckpt.CheckpointError(f"cannot resume: {exc}. {ckpt.RESUME_ADVICE}") from exc
     ckpt.check_compatible(loaded.info.meta, run.job.run_info, run.job.resume_must_match, loaded.info.manifest_path)
+    state = _load_into(run, loaded)
+    if ctx.is_main:
+        for reason in loaded.skipped:
+            print(f"warning: skipped a checkpoint that failed verification: {reason}", flush=True)
+        print(f"resumed from {loaded.info.manifest_path} (step {state.step})", flush=True)
+    return state
+
+
+def _load_into(run: Training, loaded: ckpt.LoadedCheckpoint) -> LoopState:
+    """Load a verified checkpoint into the model, optimizer, scheduler, loss scaler and this
+    rank's RNGs; return its loop state (CheckpointError if it does not fit)."""
     saved = loaded.state
     try:
-        ckpt.set_training_state(run.model, run.optimizer, saved["model"], saved["optimizer"])
+        if saved["optimizer"]:
+            ckpt.set_training_state(run.model, run.optimizer, saved["model"], saved["optimizer"])
+        else:  # saved before the first step (see save): the optimizer had no state yet
+            ckpt.set_training_state(run.model, None, saved["model"], None)
+            run.optimizer.state.clear()
         run.scheduler.load_state_dict(saved["scheduler"])
+        if not saved["optimizer"]:  # the LR lives in the optimizer's state: the schedule's of step 0
+            for group, lr in zip(run.optimizer.param_groups, run.scheduler.get_last_lr()):
+                group["lr"] = lr
         if run.amp.scaler.is_enabled() and "scaler" in saved:
             run.amp.scaler.load_state_dict(saved["scaler"])
-        ckpt.restore_rng_state(saved["rng"][ctx.rank % len(saved["rng"])])
+        ckpt.restore_rng_state(saved["rng"][run.ctx.rank % len(saved["rng"])])
         state = LoopState.from_state_dict(saved["loop"])
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
         raise ckpt.CheckpointError(
@@ -47,16 +65,85 @@ def restore(run: Training) -> LoopState:
     if "optimizer_skipped_steps" in saved["loop"] and hasattr(run.optimizer, "skipped_steps"):
         # torch's distributed state-dict helpers drop the optimizer's own extra fields
         run.optimizer.skipped_steps = int(saved["loop"]["optimizer_skipped_steps"])
-    if ctx.is_main:
-        for reason in loaded.skipped:
-            print(f"warning: skipped a checkpoint that failed verification: {reason}", flush=True)
-        print(f"resumed from {loaded.info.manifest_path} (step {state.step})", flush=True)
     return state
 
 
+def rewind(run: Training, state: LoopState, reason: str) -> LoopState:
+    """After a loss spike at step ``state.step`` (``--on-spike rewind``): the state of the newest
+    checkpoint from before the spike's window, which skips the window's data steps from now on.
+
+    Crash-safe in this order: the checkpoints newer than the one restored are deleted (they hold
+    the spike), then the restored step is saved again with the rewind recorded. A run killed
+    before that save resumes from the old checkpoint, meets the same spike at the same step (the
+    detector's history is in the checkpoint) and rewinds the same way; killed after it, it resumes
+    from the new one. LossSpike after ``--max-rewinds`` rewinds, or with no checkpoint to go back to.
+    """
+    config, ctx, spike = run.config, run.ctx, state.spike
+    detected, start = state.step, state.spike.elevated_since or state.step
+    where = intact(state.last_checkpoint, run.checkpoint_dir)
+    if len(spike.rewinds) >= config.max_rewinds:
+        done = ", ".join(f"{e['detected_step']}->{e['restored_step']}" for e in spike.rewinds) or "none"
+        raise LossSpike(
+            f"the training loss spiked at step {detected} ({reason}), and the rewinds that --max-rewinds "
+            f"{config.max_rewinds} allows were used up (detected step -> restored step: {done}); {where}. The run is "
+            "unstable: lower --lr (or --spike-lr-factor below 1), check the data, then resume with --resume, "
+            "or allow more with --max-rewinds")
+    candidates = [c for c in ckpt.list_checkpoints(run.checkpoint_dir) if c.step < start]
+    loaded = None
+    for info in reversed(candidates):
+        try:
+            loaded = ckpt.load_checkpoint(info.manifest_path)
+            break
+        except ckpt.CheckpointError as exc:
+            if ctx.is_main:
+                print(f"warning: skipped a checkpoint that failed verification: {exc}", flush=True)
+    if loaded is None:
+        raise LossSpike(
+            f"the training loss spiked at step {detected} ({reason}), but no checkpoint from before step {start} "
+            f"is left in {run.checkpoint_dir} to rewind to; {where}. Keep more with --keep-checkpoints or save more "
+            "often with --save-every, or train with --on-spike off")
+    skip_from, skip_to = spike.data_step(start - 1), spike.data_step(detected - 1) + 1
+    ctx.barrier()  # every rank has chosen before rank 0 deletes
+    if ctx.is_main:
+        for info in reversed(ckpt.list_checkpoints(run.checkpoint_dir)):
+            if info.step > loaded.info.step:  # manifest first: a half-deleted checkpoint is simply absent
+                info.manifest_path.unlink(missing_ok=True)
+                info.payload_path.unlink(missing_ok=True)
+    restored = _load_into(run, loaded)
+    # what this process did (and the time it spent) stays; the training state is the checkpoint's
+    restored.resumed_from, restored.first_step_s, restored.train_time = state.resumed_from, state.first_step_s, \
+        state.train_time
+    restored.spike.skipped, restored.spike.rewinds = spike.skipped, spike.rewinds
+    restored.spike.skip(skip_from, skip_to)
+    scale = spike.lr_scale * config.spike_lr_factor
+    _scale_lr(run, scale / loaded.state["loop"].get("spike", {}).get("lr_scale", 1.0))
+    restored.spike.lr_scale = scale
+    restored.spike.rewinds = [*spike.rewinds, {
+        "rewind": len(spike.rewinds) + 1, "detected_step": detected, "restored_step": loaded.info.step,
+        "spike_started_step": start, "skipped_data_steps": [skip_from, skip_to],
+        "batches_skipped": skip_to - skip_from, "reason": reason, "lr_scale": scale}]
+    restored.last_checkpoint = save(run, restored) or restored.last_checkpoint
+    return restored
+
+
+def _scale_lr(run: Training, factor: float) -> None:
+    """Multiply the learning rate, now and for the rest of the schedule, by ``factor``."""
+    if factor == 1.0:
+        return
+    for group in run.optimizer.param_groups:
+        group["lr"] *= factor
+    if hasattr(run.scheduler, "base_lrs"):
+        run.scheduler.base_lrs = [lr * factor for lr in run.scheduler.base_lrs]
+
+
 def save(run: Training, state: LoopState) -> Path | None:
-    """An atomic checkpoint of the step just finished (collective: every rank calls it)."""
-    model_state, optim_state = ckpt.get_training_state(run.model, run.optimizer)
+    """An atomic checkpoint of the step just finished (collective: every rank calls it). Before the
+    first step (``--on-spike rewind`` saves one) the optimizer has no state, and none is saved: torch's
+    state-dict helper would make some with a step of zero gradients, which counts as a step."""
+    if state.step == 0:
+        model_state, optim_state = ckpt.get_model_state(run.model), {}
+    else:
+        model_state, optim_state = ckpt.get_training_state(run.model, run.optimizer)
     rng_states = run.ctx.all_gather_object(ckpt.capture_rng_state())
     path = None
     if run.ctx.is_main:
@@ -66,10 +153,12 @@ def save(run: Training, state: LoopState) -> Path | None:
             payload["scaler"] = run.amp.scaler.state_dict()
         meta = {"run": run.job.run_info, "world_size": run.ctx.world_size}
         if hasattr(run.task, "data_position"):
-            meta["data_position"] = run.task.data_position(state.step)
+            meta["data_position"] = run.task.data_position(state.spike.data_step(state.step))
+        # while a spike may be building, keep the checkpoint from before it: prune nothing
+        keep = 0 if state.spike.elevated_since is not None else run.config.keep_checkpoints
         try:
             path = ckpt.save_checkpoint(run.checkpoint_dir, state.step, payload, meta=meta,
-                                        keep=run.config.keep_checkpoints).manifest_path
+                                        keep=keep).manifest_path
         except OSError as exc:
             previous = ckpt.latest_checkpoint(run.checkpoint_dir)
             kept = f"The checkpoint of step {previous.step} is intact" if previous else "No earlier checkpoint exists"

@@ -29,6 +29,7 @@ from bertopt.train.config import RunConfig
 from bertopt.train.distributed import DistContext
 from bertopt.train.job import Job, TrainingTask
 from bertopt.train.precision import MixedPrecision
+from bertopt.train.spike import SpikeState
 
 
 @dataclass
@@ -77,11 +78,12 @@ class LoopState:
     stopped_by: str | None = None
     window_start: float = field(default_factory=time.perf_counter)
     first_step_s: float | None = None  # this process's first step (with --compile: includes compiling)
+    spike: SpikeState = field(default_factory=SpikeState)  # the spike detector and the skipped data steps
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "window": vars(self.window).copy(), "train_time_s": self.train_time,
                 "nonfinite_total": self.nonfinite_total, "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                "overflow_steps": self.overflow_steps}
+                "overflow_steps": self.overflow_steps, "spike": self.spike.state_dict()}
 
     @classmethod
     def from_state_dict(cls, saved: dict[str, Any]) -> "LoopState":
@@ -89,7 +91,8 @@ class LoopState:
                    window=Window(**saved.get("window", {})), train_time=float(saved.get("train_time_s", 0.0)),
                    nonfinite_total=int(saved.get("nonfinite_total", 0)),
                    nonfinite_in_a_row=int(saved.get("nonfinite_in_a_row", 0)),
-                   overflow_steps=int(saved.get("overflow_steps", 0)))
+                   overflow_steps=int(saved.get("overflow_steps", 0)),
+                   spike=SpikeState.from_state_dict(saved.get("spike")))  # absent before --on-spike
 
     def add_to_window(self, stats: StepStats) -> None:
         """Count a finished step in the logging window (a skipped step adds no loss, only a step)."""

@@ -362,3 +362,21 @@ def test_a_run_whose_holder_has_not_written_its_settings_is_not_read_yet(tmp_pat
     record = read(train=False)  # nobody holds it: a hand-made run, checked by its summary
     assert record is not None and record.summary["eval_loss"] == 7.0
     assert read(wait=False).summary["eval_loss"] == 7.0 and not (run / SETTINGS).exists()
+
+
+def test_a_part_is_checked_against_the_typed_configs_when_declared():
+    """Every part of the study (quick and full) builds valid configs; a setting the configs do not
+    have, or a value out of range, is refused when the part is declared, naming the part."""
+    import dataclasses
+
+    from bertopt.study.command import task_specs
+
+    specs = task_specs(quick=True) + task_specs(quick=False)
+    assert len(specs) == 10
+    decay = next(s for s in specs if s.key == "decay")
+    with pytest.raises(ValueError, match=r"study part 'decay': .*seq_lenn"):
+        dataclasses.replace(decay, settings={**decay.settings, "seq_lenn": 32})
+    with pytest.raises(ValueError, match=r"study part 'decay': --seq-len must be between 8 and 512"):
+        dataclasses.replace(decay, settings={**decay.settings, "seq_len": 4})
+    with pytest.raises(ValueError, match=r"study part 'decay': --log-every must be >= 1"):
+        dataclasses.replace(decay, settings={**decay.settings, "run": {"log_every": 0}})

@@ -112,5 +112,5 @@ def test_resume_refuses_settings_other_than_the_imported_runs(tmp_path, capsys):
     shard = write_batches(tmp_path / "c.tfrecord", ["step0", "step1", "step2"])
     code = cli(["pretrain", "--out", str(run_dir), "--resume", "--data", shard, "--eval-data", shard, "--lr", "1e-3",
                 "--steps", "10", "--warmup-steps", "3", "--batch-size", "8", "--no-progress", "--threads", "1"])
-    assert code == 1  # a checkpoint that does not fit (reliability table, row 77)
+    assert code == 1  # a checkpoint that does not fit (reliability table, row 86)
     assert "lr=0.005 but this run has lr=0.001" in capsys.readouterr().err
