@@ -23,11 +23,15 @@ def __getattr__(name):
         from bertopt.interop import tf_checkpoint
 
         return getattr(tf_checkpoint, name)
+    if name == "export_tf":  # a run directory as a Google TF checkpoint (needs transformers)
+        from bertopt.interop.export_command import export_tf
+
+        return export_tf
     raise AttributeError(f"module 'bertopt' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted([*globals(), *_INTEROP])
+    return sorted([*globals(), *_INTEROP, "export_tf"])
 
 __all__ = [
     "BERT_EXCLUDE",

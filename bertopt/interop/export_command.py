@@ -21,14 +21,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    exported = export_tf(args.run_dir, args.out, global_step=args.global_step)
+    if exported["source"] is not None:
+        print(f"exporting {exported['source']} (step {exported['global_step']})")
+    step = exported["global_step"]
+    print(f"wrote {args.out}.index and data: weights{', Adam slots' if exported['slots'] else ''}"
+          f"{f', global_step {step}' if step is not None else ''}")
+    if exported["left_out"]:
+        print(f"  note: {args.run_dir / 'model'} has no {', '.join(exported['left_out'])}: left out of the checkpoint")
+    return 0
+
+
+def export_tf(run_dir, prefix, *, global_step: int | None = None) -> dict:
+    """Write ``run_dir``'s model as a Google TF checkpoint at ``prefix`` (``bertopt.export_tf``): the weights,
+    Adam moments and step of the run's newest checkpoint (a trained run, or the one ``import-tf`` writes),
+    else ``model/`` with the slots of ``google_optimizer.pt``. Returns what was written: ``global_step``,
+    ``slots`` (bool), ``left_out`` (weights model/ lacks) and ``source`` (the checkpoint manifest, or None)."""
     from transformers import BertForPreTraining
 
     from bertopt.errors import UsageError
     from bertopt.interop.google import export_tf_checkpoint
 
-    model_dir = args.run_dir / "model"
+    run_dir = Path(run_dir)
+    model_dir = run_dir / "model"
     if not (model_dir / "config.json").is_file():
-        raise UsageError(f"{args.run_dir}: no model/config.json; give a run directory written by bertopt "
+        raise UsageError(f"{run_dir}: no model/config.json; give a run directory written by bertopt "
                          "(import-tf or pretrain)")
     model, loading = BertForPreTraining.from_pretrained(model_dir, output_loading_info=True)
     # Weights the directory does not hold (e.g. the pooler and next-sentence head of a BertForMaskedLM)
@@ -39,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{model_dir} is not a BERT model directory: it has no {encoder[0]} ({len(encoder)} encoder "
                          "weights missing). export-tf writes a BERT (BertModel, BertForMaskedLM or BertForPreTraining "
                          "directory, as import-tf and pretrain write them); give such a run directory")
-    optimizer_state, step = None, args.global_step
-    trained = newest_checkpoint(args.run_dir)
+    optimizer_state, step, source = None, global_step, None
+    trained = newest_checkpoint(run_dir)
     if trained is not None:  # the run's own state: weights, BertAdam's moments and step of its newest checkpoint
         missing, unexpected = model.load_state_dict(trained.state["model"], strict=False)
         if unexpected:
@@ -51,13 +68,13 @@ def run(args: argparse.Namespace) -> int:
         # no moments yet (a checkpoint imported without Adam slots): weights only, as from google_optimizer.pt
         optimizer_state = by_name(trained.state["optimizer"]) if trained.state["optimizer"]["state"] else None
         step = int(trained.state["loop"]["step"]) if step is None else step
-        print(f"exporting {trained.info.manifest_path} (step {trained.state['loop']['step']})")
-    elif (args.run_dir / OPTIMIZER_FILE).is_file():
-        saved = load_imported_state(args.run_dir)
+        source = str(trained.info.manifest_path)
+    elif (run_dir / OPTIMIZER_FILE).is_file():
+        saved = load_imported_state(run_dir)
         if saved.get("model_digest") not in (None, model_digest(model_dir)):
             raise UsageError(
                 f"{model_dir} is not the model that import-tf wrote (it was trained or replaced since), so the Adam "
-                f"slots and global_step in {args.run_dir / OPTIMIZER_FILE} do not belong to it. Delete that file to "
+                f"slots and global_step in {run_dir / OPTIMIZER_FILE} do not belong to it. Delete that file to "
                 "export the weights only (with --global-step N if you know the step)")
         step = saved["global_step"] if step is None else step
         if saved["slots"] is not None:
@@ -66,12 +83,8 @@ def run(args: argparse.Namespace) -> int:
             optimizer_state = {"param_groups": [{"params": list(range(len(names))), "param_names": names}],
                                "state": {i: saved["slots"][name] for i, name in enumerate(names)
                                          if name in saved["slots"]}}
-    export_tf_checkpoint(model, optimizer_state, step, args.out, leave_out=fresh)
-    print(f"wrote {args.out}.index and data: weights{', Adam slots' if optimizer_state else ''}"
-          f"{f', global_step {step}' if step is not None else ''}")
-    if fresh:
-        print(f"  note: {model_dir} has no {', '.join(sorted(fresh))}: left out of the checkpoint")
-    return 0
+    export_tf_checkpoint(model, optimizer_state, step, prefix, leave_out=fresh)
+    return {"global_step": step, "slots": optimizer_state is not None, "left_out": sorted(fresh), "source": source}
 
 
 def newest_checkpoint(run_dir: Path):

@@ -224,6 +224,11 @@ def test_import_tf_then_export_tf_commands_give_back_the_checkpoint(tmp_path, ca
     assert main(["export-tf", str(tmp_path / "run"), "--out", str(tmp_path / "back" / "model.ckpt-5")]) == 0
     back, original = read_tf_checkpoint(tmp_path / "back" / "model.ckpt-5"), read_tf_checkpoint(CKPT)
     assert back.keys() == original.keys() and all(np.array_equal(back[k], original[k]) for k in original)
+    # the same from Python: bertopt.export_tf(RUN_DIR, CKPT)
+    exported = bertopt.export_tf(tmp_path / "run", tmp_path / "api" / "model.ckpt-5")
+    assert exported["global_step"] == 5 and exported["slots"] and exported["left_out"] == []
+    again = read_tf_checkpoint(tmp_path / "api" / "model.ckpt-5")
+    assert again.keys() == original.keys() and all(np.array_equal(again[k], original[k]) for k in original)
 
     config = json.loads(CONFIG.read_text())
     (tmp_path / "wide.json").write_text(json.dumps(dict(config, intermediate_size=64)))
