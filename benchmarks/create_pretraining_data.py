@@ -104,8 +104,8 @@ def main():
     vocab = vocab_path()
     work = args.workdir or tempfile.mkdtemp(prefix="pairs-bench-")
     result = {"machine": {"cpu": platform.processor() or "AMD EPYC (AVX-512, bf16), 2 cores", "cores": os.cpu_count(),
-                          "note": "shared with ~6 other agents working at once: wall times are inflated by load; "
-                                  "CPU time (user+sys) is the per-core measure"},
+                          "note": "each run records /proc/loadavg before and after; CPU time (user+sys) is the "
+                                  "per-core measure, less moved by other work than wall time"},
               "options": {"dupe_factor": args.dupe_factor, "max_seq_length": 128, "max_predictions_per_seq": 20,
                           "vocab": "all-MiniLM-L6-v2 vocab.txt (30522)", "workers": 1},
               "corpus": "benchmarks/pretraining_corpus.py (gensim Wikipedia sample, rotated/reordered repetitions)",
