@@ -24,6 +24,7 @@ import numpy as np
 
 from bertopt.errors import UsageError
 from bertopt.interop.crc32c import many as crc32c_many, mask
+from bertopt.interop.sstable import get_varint
 
 BYTES, FLOAT, INT64 = 1, 2, 3  # Feature's oneof field numbers
 KIND_NAMES = {BYTES: "bytes_list", FLOAT: "float_list", INT64: "int64_list"}
@@ -293,24 +294,13 @@ def encode_example(features: dict) -> bytes:
     return _field(1, entries)
 
 
-def _read_varint(buf, pos: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-
-
 def _skip_field(buf, pos: int, wire: int) -> int:
     if wire == 0:
-        return _read_varint(buf, pos)[1]
+        return get_varint(buf, pos)[1]
     if wire == 1:
         return pos + 8
     if wire == 2:
-        n, pos = _read_varint(buf, pos)
+        n, pos = get_varint(buf, pos)
         return pos + n
     if wire == 5:
         return pos + 4
@@ -323,23 +313,23 @@ def _feature_spans(data: bytes, base: int = 0):
     spans = {}
     pos, size = 0, len(data)
     while pos < size:  # Example
-        tag, pos = _read_varint(data, pos)
+        tag, pos = get_varint(data, pos)
         if tag != 0x0A:
             pos = _skip_field(data, pos, tag & 7)
             continue
-        n, pos = _read_varint(data, pos)
+        n, pos = get_varint(data, pos)
         features_end = pos + n
         while pos < features_end:  # Features: map entries
-            tag, pos = _read_varint(data, pos)
-            n, pos = _read_varint(data, pos)
+            tag, pos = get_varint(data, pos)
+            n, pos = get_varint(data, pos)
             entry_end = pos + n
             if tag != 0x0A:
                 pos = entry_end
                 continue
             name, value = "", None
             while pos < entry_end:
-                tag, pos = _read_varint(data, pos)
-                n, pos = _read_varint(data, pos)
+                tag, pos = get_varint(data, pos)
+                n, pos = get_varint(data, pos)
                 if tag == 0x0A:
                     name = data[pos:pos + n].decode("utf-8", "replace")
                 elif tag == 0x12:
@@ -349,14 +339,14 @@ def _feature_spans(data: bytes, base: int = 0):
             if value is not None:
                 p, value_end = value
                 while p < value_end:  # Feature: the oneof
-                    tag, p = _read_varint(data, p)
-                    n, p = _read_varint(data, p)
+                    tag, p = get_varint(data, p)
+                    n, p = get_varint(data, p)
                     kind, start, end = tag >> 3, p, p + n
                     p += n
                 if kind in (FLOAT, INT64) and start < end:
-                    tag, p = _read_varint(data, start)
+                    tag, p = get_varint(data, start)
                     if tag == 0x0A:  # packed: one length-delimited run
-                        n, p = _read_varint(data, p)
+                        n, p = get_varint(data, p)
                         if p + n == end:
                             start = p
                         else:
@@ -454,9 +444,9 @@ def _feature_spans_vectorized(buf: np.ndarray, offsets: np.ndarray, lengths: np.
 def _decode_unpacked(data: bytes, start: int, end: int, kind: int) -> np.ndarray:
     values, pos = [], start
     while pos < end:
-        tag, pos = _read_varint(data, pos)
+        tag, pos = get_varint(data, pos)
         if tag == 0x0A:  # a packed run among unpacked values
-            n, pos = _read_varint(data, pos)
+            n, pos = get_varint(data, pos)
             run = data[pos:pos + n]
             values.extend(np.frombuffer(run, "<f4").tolist() if kind == FLOAT else _decode_varints(
                 np.frombuffer(run, np.uint8)).tolist())
@@ -465,7 +455,7 @@ def _decode_unpacked(data: bytes, start: int, end: int, kind: int) -> np.ndarray
             values.append(struct.unpack_from("<f", data, pos)[0])
             pos += 4
         else:
-            v, pos = _read_varint(data, pos)
+            v, pos = get_varint(data, pos)
             values.append(v - (1 << 64) if v >= 1 << 63 else v)
     return np.asarray(values, dtype=np.float32 if kind == FLOAT else np.int64)
 
@@ -491,8 +481,8 @@ def decode_example(data: bytes) -> dict[str, np.ndarray]:
         if kind == BYTES:
             items, pos = [], start
             while pos < end:
-                _tag, pos = _read_varint(data, pos)
-                n, pos = _read_varint(data, pos)
+                _tag, pos = get_varint(data, pos)
+                n, pos = get_varint(data, pos)
                 items.append(data[pos:pos + n])
                 pos += n
             out[name] = items
